@@ -1,0 +1,1 @@
+//! Module `daemon`: see architecture.md.

@@ -1,0 +1,1 @@
+//! Module `export`: see architecture.md.

@@ -1,0 +1,1 @@
+//! Module `gpu`: see architecture.md.

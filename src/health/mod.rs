@@ -1,0 +1,1 @@
+//! Module `health`: see architecture.md.

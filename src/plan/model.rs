@@ -1,0 +1,177 @@
+//! The plan: the single model of a deployment that the runtimes, the proxy and the Kubernetes
+//! exporter all consume. It is pure data, serialised as the `pdctl plan --output json` contract,
+//! so every field here is part of a documented, stable interface (see README "Plan JSON").
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::proxy::ProxySection;
+
+/// Bumped only on an incompatible change of the JSON shape.
+pub const PLAN_SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub schema_version: u32,
+    /// Deployment name: container names, labels, state directory and exported object names.
+    pub project: String,
+    /// The pools.toml this plan was computed from (as given on the command line).
+    pub source: PathBuf,
+    pub model: ModelPlan,
+    pub runtime: RuntimePlan,
+    pub proxy: ProxySection,
+    /// Prefill instances first, then decode, each ordered by index.
+    pub instances: Vec<Instance>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelPlan {
+    /// The name clients send as `"model"` (vLLM `--served-model-name`).
+    pub served_name: String,
+    pub source: ModelSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelSource {
+    /// A host directory, bind-mounted read-only at `/mnt/models` (KServe's model mount point).
+    Path { host_path: PathBuf },
+    /// A Hugging Face id, downloaded by the engine into `cache_dir` (mounted at `/models`).
+    HuggingFace { id: String, cache_dir: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RuntimePlan {
+    Docker {
+        image: String,
+        pull_policy: PullPolicy,
+        network_mode: String,
+    },
+    Process {
+        /// The engine program and its leading arguments (e.g. `["pdctl", "sim"]` or a venv's
+        /// `vllm`); each instance's `argv` already starts with it.
+        command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Prefill,
+    Decode,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One engine replica: everything a runtime needs to start it and a prober needs to watch it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    /// `pdctl-<project>-<role>-<index>`: container name, process name, K8s-safe.
+    pub name: String,
+    pub role: Role,
+    pub index: u32,
+    /// Empty for CPU/simulated engines (`gpus_per_replica = 0`).
+    pub gpus: Vec<GpuAssignment>,
+    /// The port the engine's OpenAI server listens on (vLLM `--port`).
+    pub http_port: u16,
+    /// `VLLM_NIXL_SIDE_CHANNEL_PORT`: where peers pull this engine's KV blocks from.
+    pub side_channel_port: u16,
+    /// Docker runtime only.
+    pub image: Option<String>,
+    /// Full argv, argv[0] included (`vllm serve /mnt/models --port ...`).
+    pub argv: Vec<String>,
+    /// Ordered; names are unique.
+    pub env: Vec<EnvVar>,
+    pub mounts: Vec<Mount>,
+    /// `/dev/shm` size as written (Kubernetes quantity) and in bytes.
+    pub shm_size: String,
+    pub shm_size_bytes: u64,
+    /// Namespaces UCX needs for CUDA IPC between prefill and decode on one host.
+    pub ipc_mode: NamespaceMode,
+    pub pid_mode: NamespaceMode,
+    pub probes: Probes,
+    /// pdctl's labels (project, role, index, spec hash, version) plus KServe-style ones.
+    pub labels: BTreeMap<String, String>,
+    pub restart_policy: RestartPolicy,
+    pub stop_signal: String,
+    pub stop_grace_seconds: u32,
+    /// Hash of everything above that changes what runs: a changed hash means replace.
+    pub spec_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuAssignment {
+    pub index: u32,
+    pub uuid: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvVar {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NamespaceMode {
+    Host,
+    Private,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probes {
+    pub startup: Probe,
+    pub readiness: Probe,
+    pub liveness: Probe,
+}
+
+/// An HTTP GET probe with Kubernetes semantics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    pub path: String,
+    pub port: u16,
+    pub initial_delay_seconds: u32,
+    pub period_seconds: u32,
+    pub timeout_seconds: u32,
+    pub failure_threshold: u32,
+    pub success_threshold: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}

@@ -1,0 +1,1 @@
+//! Module `proxy`: see architecture.md.

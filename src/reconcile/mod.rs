@@ -1,0 +1,1 @@
+//! Module `reconcile`: see architecture.md.

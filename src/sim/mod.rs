@@ -1,0 +1,1 @@
+//! Module `sim`: see architecture.md.
