@@ -1,5 +1,51 @@
 //! Placement of replicas on GPUs, ports, and the per-instance spec every runtime consumes.
+//!
+//! Entry points: [`plan_file`] (read, check, query the inventory only if needed, build),
+//! or [`build`] on an already loaded spec and GPU list.
 
+use std::path::Path;
+
+pub mod build;
+pub mod cli;
 pub mod model;
+pub mod placement;
+pub mod ports;
 
+pub use build::{build, check, gpus_needed};
 pub use model::*;
+
+use crate::gpu::{GpuError, GpuInventory};
+use crate::spec::{self, SpecError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The file is wrong (located diagnostics; exit status 2).
+    #[error("{0}")]
+    Invalid(#[from] SpecError),
+    /// The GPU inventory could not be read.
+    #[error("{0}")]
+    Gpu(#[from] GpuError),
+}
+
+impl PlanError {
+    /// 2 for bad input (a missing file included), 1 when the host could not be inspected.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            PlanError::Invalid(_) => 2,
+            PlanError::Gpu(_) => 1,
+        }
+    }
+}
+
+/// Loads `path`, checks it, and builds its plan. The inventory is queried only when some
+/// replica needs a GPU, so CPU/simulated deployments plan on machines without a driver.
+pub fn plan_file(path: &Path, inventory: &dyn GpuInventory) -> Result<Plan, PlanError> {
+    let loaded = spec::load(path)?;
+    check(&loaded)?;
+    let gpus = if gpus_needed(&loaded.spec) > 0 || loaded.spec.gpus.is_some() {
+        inventory.gpus()?
+    } else {
+        Vec::new()
+    };
+    build(&loaded, &gpus)
+}

@@ -69,3 +69,106 @@ pub enum PrefillFailurePolicy {
     /// Retry as above, then serve decode-only with the original body (counted, marked).
     Fallback,
 }
+
+impl ProxySection {
+    /// Semantic checks serde cannot express, as `(key, message)` pairs so that pools.toml can
+    /// point at the key and `pdctl proxy` can name its flag.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Err(e) = self.listen.parse::<std::net::SocketAddr>() {
+            out.push((
+                "listen",
+                format!(
+                    "`{}` is not a socket address ({e}); expected e.g. `127.0.0.1:8000`",
+                    self.listen
+                ),
+            ));
+        }
+        if self.prefill_policy == PickPolicy::PrefixAffinity {
+            out.push((
+                "prefill_policy",
+                "`prefix-affinity` applies only to `decode_policy` (prefix cache reuse happens on decode)"
+                    .into(),
+            ));
+        }
+        for (key, d) in [
+            ("connect_timeout", self.connect_timeout),
+            ("prefill_timeout", self.prefill_timeout),
+            ("decode_first_byte_timeout", self.decode_first_byte_timeout),
+        ] {
+            if d.is_zero() {
+                out.push((key, format!("`{key}` must be more than 0")));
+            }
+        }
+        if self.prefill_max_retries > 16 {
+            out.push((
+                "prefill_max_retries",
+                format!(
+                    "{} retries is too many (at most 16)",
+                    self.prefill_max_retries
+                ),
+            ));
+        }
+        if self.max_body_bytes == 0 {
+            out.push((
+                "max_body_bytes",
+                "`max_body_bytes` must be more than 0".into(),
+            ));
+        }
+        if let Some(name) = &self.api_key_env {
+            if !crate::spec::is_env_name(name) {
+                out.push((
+                    "api_key_env",
+                    format!(
+                        "`{name}` is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
+                    ),
+                ));
+            }
+        }
+        out
+    }
+
+    /// The listen port, when `listen` parses.
+    pub fn listen_port(&self) -> Option<u16> {
+        self.listen
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.port())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert!(ProxySection::default().problems().is_empty());
+        assert_eq!(ProxySection::default().listen_port(), Some(8000));
+    }
+
+    #[test]
+    fn reports_each_bad_field_by_key() {
+        let p = ProxySection {
+            listen: "localhost".into(),
+            prefill_policy: PickPolicy::PrefixAffinity,
+            connect_timeout: Duration::ZERO,
+            max_body_bytes: 0,
+            api_key_env: Some("1KEY".into()),
+            prefill_max_retries: 100,
+            ..ProxySection::default()
+        };
+        let keys: Vec<_> = p.problems().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            [
+                "listen",
+                "prefill_policy",
+                "connect_timeout",
+                "prefill_max_retries",
+                "max_body_bytes",
+                "api_key_env"
+            ]
+        );
+    }
+}
