@@ -424,3 +424,117 @@ pub fn labels(project: &str, inst: &Instance) -> BTreeMap<String, String> {
     .map(|(k, v)| (k.to_string(), v))
     .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::{FixedInventory, GpuInventory};
+
+    fn plan(src: &str, gpus: &str) -> Plan {
+        let l = crate::spec::parse(Path::new("/etc/pdctl/t.toml"), src.into()).unwrap();
+        let inv = FixedInventory::parse(gpus).unwrap().gpus().unwrap();
+        build(&l, &inv).unwrap()
+    }
+
+    fn env<'a>(i: &'a Instance, name: &str) -> Option<&'a str> {
+        i.env
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.value.as_str())
+    }
+
+    const DOCKER: &str = "[model]\npath = \"models/llama\"\n";
+
+    #[test]
+    fn docker_path_model_is_mounted_read_only_and_served_from_the_mount() {
+        let p = plan(DOCKER, "2");
+        let i = &p.instances[0];
+        assert_eq!(i.name, "pdctl-t-prefill-0");
+        assert_eq!(&i.argv[..3], ["vllm", "serve", MODEL_MOUNT]);
+        assert_eq!(i.mounts[0].source, Path::new("/etc/pdctl/models/llama"));
+        assert!(i.mounts[0].read_only);
+        assert_eq!(p.model.served_name, "llama");
+        assert_eq!(
+            (i.ipc_mode, i.pid_mode),
+            (NamespaceMode::Host, NamespaceMode::Host)
+        );
+        assert_eq!(env(i, "CUDA_VISIBLE_DEVICES"), None);
+        assert_eq!(i.labels["llm-d.ai/role"], "prefill");
+        assert_eq!(i.labels["pdctl.spec-hash"], i.spec_hash);
+        assert_eq!(i.spec_hash.len(), 16);
+    }
+
+    #[test]
+    fn process_runtime_pins_gpus_through_cuda_env() {
+        let src = "[model]\nhf = \"a/b\"\ncache_dir = \"/cache\"\n[runtime]\nkind = \"process\"\ncommand = [\"/venv/bin/vllm\"]\n[decode]\ngpus_per_replica = 2\n";
+        let p = plan(src, "3");
+        let d = &p.instances[1];
+        assert_eq!(d.argv[..3], ["/venv/bin/vllm", "serve", "a/b"]);
+        assert_eq!(env(d, "CUDA_VISIBLE_DEVICES"), Some("1,2"));
+        assert_eq!(env(d, "CUDA_DEVICE_ORDER"), Some("PCI_BUS_ID"));
+        assert_eq!(env(d, "HF_HOME"), Some("/cache"));
+        assert!(d.mounts.is_empty());
+        assert_eq!(env(&p.instances[0], "CUDA_VISIBLE_DEVICES"), Some("0"));
+    }
+
+    #[test]
+    fn user_env_and_kv_config_override_the_defaults() {
+        let src = format!(
+            "{DOCKER}[prefill]\nenv = {{ UCX_TLS = \"all\", EXTRA = \"1\" }}\nargs = [\"--kv-transfer-config\", \"{{}}\"]\n"
+        );
+        let p = plan(&src, "2");
+        let i = &p.instances[0];
+        let names: Vec<&str> = i.env.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "VLLM_NIXL_SIDE_CHANNEL_HOST",
+                "VLLM_NIXL_SIDE_CHANNEL_PORT",
+                "UCX_TLS",
+                "EXTRA"
+            ]
+        );
+        assert_eq!(env(i, "UCX_TLS"), Some("all"));
+        assert_eq!(
+            i.argv
+                .iter()
+                .filter(|a| *a == "--kv-transfer-config")
+                .count(),
+            1
+        );
+        assert!(i
+            .argv
+            .ends_with(&["--kv-transfer-config".into(), "{}".into()]));
+    }
+
+    #[test]
+    fn cpu_docker_instances_keep_private_namespaces() {
+        let src =
+            format!("{DOCKER}[prefill]\ngpus_per_replica = 0\n[decode]\ngpus_per_replica = 0\n");
+        let i = &plan(&src, "1").instances[0];
+        assert_eq!(i.ipc_mode, NamespaceMode::Private);
+        assert_eq!(env(i, "UCX_TLS"), Some("tcp"));
+        assert!(i
+            .argv
+            .ends_with(&["--tensor-parallel-size".into(), "1".into()]));
+    }
+
+    #[test]
+    fn scaling_one_role_keeps_the_other_roles_hashes() {
+        let one = plan(DOCKER, "4");
+        let two = plan(&format!("{DOCKER}[prefill]\nreplicas = 2\n"), "4");
+        let dec = |p: &Plan| {
+            p.instances
+                .iter()
+                .find(|i| i.role == Role::Decode)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(dec(&one).spec_hash, dec(&two).spec_hash);
+        let changed = plan(
+            &format!("{DOCKER}[decode]\nargs = [\"--enforce-eager\"]\n"),
+            "4",
+        );
+        assert_ne!(dec(&one).spec_hash, dec(&changed).spec_hash);
+    }
+}

@@ -1,5 +1,11 @@
 //! Which GPUs each replica gets: distinct GPUs, none shared, tensor-parallel groups on
 //! NVLink-connected (else same-NUMA) GPUs when topology is known, deterministic.
+//!
+//! Decode is placed first, from the highest GPU down; then prefill, from the lowest up; each
+//! in index order. So a decode replica's GPUs depend only on the decode replicas before it, and
+//! a prefill replica's on the decodes and the prefills before it: scaling prefill never moves
+//! (and so never restarts) anything else, and scaling decode moves no other decode. Without
+//! topology it moves no prefill either, as long as the two ends do not meet.
 
 use crate::gpu::GpuInfo;
 use crate::plan::model::Role;
@@ -28,17 +34,25 @@ pub fn place(requests: &[Request], gpus: &[GpuInfo]) -> Result<Vec<Vec<usize>>, 
             have: gpus.len() as u32,
         });
     }
-    // Biggest groups first, so small ones do not fragment the NVLink islands they need.
-    let mut order: Vec<usize> = (0..requests.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(requests[i].count));
     let mut free = vec![true; gpus.len()];
     let mut out = vec![Vec::new(); requests.len()];
-    for i in order {
-        let group = pick(requests[i].count as usize, &free, gpus);
-        for &g in &group {
-            free[g] = false;
+    for role in [Role::Decode, Role::Prefill] {
+        let mut mine: Vec<usize> = (0..requests.len())
+            .filter(|&i| requests[i].role == role)
+            .collect();
+        mine.sort_by_key(|&i| requests[i].index);
+        for i in mine {
+            let group = pick(
+                requests[i].count as usize,
+                &free,
+                gpus,
+                role == Role::Decode,
+            );
+            for &g in &group {
+                free[g] = false;
+            }
+            out[i] = group;
         }
-        out[i] = group;
     }
     Ok(out)
 }
@@ -47,9 +61,16 @@ fn linked(gpus: &[GpuInfo], a: usize, b: usize) -> bool {
     gpus[a].nvlink_peers.contains(&gpus[b].index) || gpus[b].nvlink_peers.contains(&gpus[a].index)
 }
 
-/// Caller guarantees at least `k` free GPUs.
-fn pick(k: usize, free: &[bool], gpus: &[GpuInfo]) -> Vec<usize> {
-    let avail: Vec<usize> = (0..gpus.len()).filter(|&i| free[i]).collect();
+/// Caller guarantees at least `k` free GPUs. `from_top` searches from the highest position.
+fn pick(k: usize, free: &[bool], gpus: &[GpuInfo], from_top: bool) -> Vec<usize> {
+    let mut avail: Vec<usize> = (0..gpus.len()).filter(|&i| free[i]).collect();
+    if from_top {
+        avail.reverse();
+    }
+    let done = |mut g: Vec<usize>| {
+        g.sort_unstable();
+        g
+    };
     if k <= 1 {
         return avail.into_iter().take(k).collect();
     }
@@ -64,8 +85,7 @@ fn pick(k: usize, free: &[bool], gpus: &[GpuInfo]) -> Vec<usize> {
             }
         }
         if group.len() == k {
-            group.sort_unstable();
-            return group;
+            return done(group);
         }
     }
     let mut by_numa: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
@@ -75,9 +95,9 @@ fn pick(k: usize, free: &[bool], gpus: &[GpuInfo]) -> Vec<usize> {
         }
     }
     if let Some(same) = by_numa.values().find(|v| v.len() >= k) {
-        return same[..k].to_vec();
+        return done(same[..k].to_vec());
     }
-    avail[..k].to_vec()
+    done(avail[..k].to_vec())
 }
 
 #[cfg(test)]
@@ -103,7 +123,7 @@ mod tests {
 
     #[test]
     fn tp_groups_land_on_nvlink_pairs() {
-        // 0-2 and 1-3 are linked pairs; a TP2 group must not take 0 and 1.
+        // 0-2 and 1-3 are linked pairs; a TP2 group must not take 2 and 3.
         let g = vec![
             gpu(0, None, &[2]),
             gpu(1, None, &[3]),
@@ -112,8 +132,8 @@ mod tests {
         ];
         let reqs = [req(Role::Prefill, 0, 1), req(Role::Decode, 0, 2)];
         let p = place(&reqs, &g).unwrap();
-        assert_eq!(p[1], vec![0, 2]);
-        assert_eq!(p[0], vec![1]);
+        assert_eq!(p[1], vec![1, 3]);
+        assert_eq!(p[0], vec![0]);
     }
 
     #[test]
@@ -186,7 +206,22 @@ mod tests {
                     all.dedup();
                     prop_assert_eq!(all.len(), n, "a GPU was given twice");
                     prop_assert!(all.iter().all(|&i| i < gpus.len()));
-                    prop_assert_eq!(place(&reqs, &gpus).unwrap(), p);
+                    prop_assert_eq!(place(&reqs, &gpus).unwrap(), p.clone());
+                    let no_topology = gpus.iter().all(|g| g.numa_node.is_none() && g.nvlink_peers.is_empty());
+                    for role in [Role::Prefill, Role::Decode] {
+                        // Scaling a role down by one leaves the rest where it was.
+                        let Some(last) = reqs.iter().rposition(|r| r.role == role) else { continue };
+                        let mut fewer = reqs.clone();
+                        fewer.remove(last);
+                        let mut expect = p.clone();
+                        expect.remove(last);
+                        let got = place(&fewer, &gpus).unwrap();
+                        for (i, r) in fewer.iter().enumerate() {
+                            if r.role == Role::Decode || role == Role::Prefill || no_topology {
+                                prop_assert_eq!(&got[i], &expect[i]);
+                            }
+                        }
+                    }
                 }
                 Err(s) => {
                     prop_assert_eq!(s, Shortfall { need, have: gpus.len() as u32 });

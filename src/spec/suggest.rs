@@ -21,8 +21,11 @@ pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     candidates
         .into_iter()
         .map(|c| {
-            let d = if norm(c) == norm(word) {
+            let (nw, nc) = (norm(word), norm(c));
+            let d = if nw == nc {
                 0
+            } else if nw.len() >= 4 && (nc.starts_with(&nw) || nw.starts_with(&nc)) {
+                1
             } else {
                 levenshtein(word, c)
             };
@@ -72,6 +75,7 @@ mod tests {
         assert_eq!(closest("replcas", keys), Some("replicas"));
         assert_eq!(closest("shm-size", keys), Some("shm_size"));
         assert_eq!(closest("banana", keys), None);
+        assert_eq!(closest("gpus", keys), Some("gpus_per_replica"));
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub(super) fn check(l: &LoadedSpec) -> Vec<Diagnostic> {
     }
     gpu_mix(l, &mut d);
     for (key, msg) in l.spec.proxy.problems() {
-        d.push(l.at_key(&["proxy".into(), key.into()], msg));
+        d.push(l.at(&["proxy".into(), key.into()], msg));
     }
     gpus(l, &mut d);
     d.sort_by_key(|x| (x.line, x.col));
