@@ -169,3 +169,23 @@ fn bad_gpus_flag_is_an_error() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid GPU inventory"));
 }
+
+#[test]
+fn the_readme_reference_is_a_valid_pools_toml() {
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    let section = readme.split("## pools.toml reference").nth(1).unwrap();
+    let block = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("reference.toml");
+    std::fs::write(&f, block).unwrap();
+    let out = pdctl(&["validate", "-f", f.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
