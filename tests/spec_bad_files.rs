@@ -93,7 +93,7 @@ fn every_bad_file_is_rejected_with_a_located_error() {
 }
 
 #[test]
-fn a_good_file_passes_the_same_harness_checks_inverted() {
+fn the_harness_rejects_a_valid_file() {
     // Guards the harness itself: a valid file must NOT satisfy `check`.
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("good.toml");
@@ -103,4 +103,18 @@ fn a_good_file_passes_the_same_harness_checks_inverted() {
     )
     .unwrap();
     assert!(check(&f).is_err());
+}
+
+#[test]
+fn a_missing_file_is_invalid_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::cargo_bin("pdctl")
+        .unwrap()
+        .current_dir(dir.path())
+        .arg("validate")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("cannot read pools.toml:"), "{err}");
 }

@@ -26,6 +26,7 @@ impl GpuArg {
 pub struct GpusArgs {
     #[command(flatten)]
     pub gpu: GpuArg,
+    /// `json` prints the full machine-readable form.
     #[arg(short = 'o', long, value_enum, default_value_t)]
     pub output: OutputFormat,
 }

@@ -450,6 +450,11 @@ mod tests {
         let p = plan(DOCKER, "2");
         let i = &p.instances[0];
         assert_eq!(i.name, "pdctl-t-prefill-0");
+        assert_eq!(
+            p.instance("pdctl-t-decode-0").unwrap().base_url(),
+            "http://127.0.0.1:8200"
+        );
+        assert_eq!(p.instances_of(Role::Decode).count(), 1);
         assert_eq!(&i.argv[..3], ["vllm", "serve", MODEL_MOUNT]);
         assert_eq!(i.mounts[0].source, Path::new("/etc/pdctl/models/llama"));
         assert!(i.mounts[0].read_only);

@@ -20,6 +20,7 @@ pub struct PlanArgs {
     pub file: FileArg,
     #[command(flatten)]
     pub gpu: GpuArg,
+    /// `json` prints the full machine-readable form.
     #[arg(short = 'o', long, value_enum, default_value_t)]
     pub output: OutputFormat,
 }

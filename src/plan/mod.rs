@@ -43,8 +43,11 @@ pub fn plan_file(path: &Path, inventory: &dyn GpuInventory) -> Result<Plan, Plan
     let loaded = spec::load(path)?;
     check(&loaded)?;
     let gpus = if gpus_needed(&loaded.spec) > 0 || loaded.spec.gpus.is_some() {
-        inventory.gpus()?
+        let gpus = inventory.gpus()?;
+        tracing::debug!(count = gpus.len(), "GPU inventory");
+        gpus
     } else {
+        tracing::debug!("no replica needs a GPU; inventory not queried");
         Vec::new()
     };
     build(&loaded, &gpus)

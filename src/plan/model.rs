@@ -26,6 +26,17 @@ pub struct Plan {
     pub instances: Vec<Instance>,
 }
 
+impl Plan {
+    /// The instances of one role, by index.
+    pub fn instances_of(&self, role: Role) -> impl Iterator<Item = &Instance> {
+        self.instances.iter().filter(move |i| i.role == role)
+    }
+
+    pub fn instance(&self, name: &str) -> Option<&Instance> {
+        self.instances.iter().find(|i| i.name == name)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelPlan {
     /// The name clients send as `"model"` (vLLM `--served-model-name`).
@@ -121,6 +132,13 @@ pub struct Instance {
     pub stop_grace_seconds: u32,
     /// Hash of everything above that changes what runs: a changed hash means replace.
     pub spec_hash: String,
+}
+
+impl Instance {
+    /// Where the engine's OpenAI server answers on this host (what the proxy routes to).
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
