@@ -7,11 +7,13 @@ use std::path::Path;
 
 pub mod build;
 pub mod cli;
+pub mod instance;
 pub mod model;
 pub mod placement;
 pub mod ports;
 
 pub use build::{build, check, gpus_needed};
+pub use instance::{labels, spec_hash, KV_TRANSFER_CONFIG};
 pub use model::*;
 
 use crate::gpu::{GpuError, GpuInventory};
