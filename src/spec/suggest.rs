@@ -39,6 +39,9 @@ pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 /// Rewrites serde's "unknown field `x`, expected one of `a`, `b`" (and the same for variants)
 /// into a message with a hint: "unknown key `x` (did you mean `a`?); expected one of ...".
 pub fn improve(message: &str) -> String {
+    if message.contains("untagged enum GpuSelector") {
+        return "expected a GPU index (0, 1, ...) or a GPU UUID string".into();
+    }
     let (kind, rest) = if let Some(r) = message.strip_prefix("unknown field `") {
         ("key", r)
     } else if let Some(r) = message.strip_prefix("unknown variant `") {
