@@ -32,6 +32,13 @@ pub enum Command {
     Plan(crate::plan::cli::PlanArgs),
     /// List this host's GPUs (NVML) or the inventory given with --gpus.
     Gpus(crate::gpu::cli::GpusArgs),
+    /// Run a simulated vLLM engine (P/D semantics, no GPU); `pdctl sim --help` for its flags.
+    #[command(disable_help_flag = true)]
+    Sim {
+        /// vLLM-style arguments: `[serve] [MODEL] [--flag value]...`
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// `-f/--file` for every command that works on a deployment.
@@ -69,11 +76,19 @@ pub fn init_logging(format: LogFormat) {
 }
 
 pub fn main() -> ExitCode {
+    // A container image can put pdctl where vLLM would be: invoked as `vllm`, it is the simulator.
+    let mut argv = std::env::args();
+    let invoked_as = argv.next().unwrap_or_default();
+    if std::path::Path::new(&invoked_as).file_name() == Some(std::ffi::OsStr::new("vllm")) {
+        init_logging(LogFormat::Text);
+        return crate::sim::run(&argv.collect::<Vec<_>>());
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
         Command::Validate(a) => crate::plan::cli::validate(a),
         Command::Plan(a) => crate::plan::cli::plan(a),
         Command::Gpus(a) => crate::gpu::cli::run(a),
+        Command::Sim { args } => crate::sim::run(&args),
     }
 }
