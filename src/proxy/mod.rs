@@ -1,6 +1,21 @@
 //! The routing proxy: NIXL-v2 P/D routing for the daemon (embedded), `pdctl proxy` and
-//! `pdctl sidecar`.
+//! `pdctl sidecar`. One engine, two front doors: in pools mode pdctl picks both legs; in
+//! sidecar mode the prefill comes from `x-prefiller-host-port` (llm-d's contract).
 
+pub mod cli;
+mod discovery;
 pub mod endpoints;
+mod load;
+pub mod metrics;
+mod pd;
+pub mod pick;
+mod relay;
+pub mod rewrite;
+pub mod security;
+mod server;
+pub mod sse;
+mod upstream;
 
 pub use endpoints::{Endpoint, EndpointSet};
+pub use pd::PATH_HEADER;
+pub use server::{serve, serve_embedded, Config, Mode, ProxyError};

@@ -1,0 +1,142 @@
+//! Rewrites `usage.prompt_tokens_details.cached_tokens` inside an SSE stream without holding the
+//! stream back: complete lines go out as soon as they arrive; only a partial trailing line waits
+//! for its next chunk.
+
+use bytes::{Bytes, BytesMut};
+
+use super::rewrite::rewrite_usage;
+
+pub struct SseUsageRewriter {
+    cached_tokens: u64,
+    partial: BytesMut,
+}
+
+impl SseUsageRewriter {
+    pub fn new(cached_tokens: u64) -> Self {
+        SseUsageRewriter {
+            cached_tokens,
+            partial: BytesMut::new(),
+        }
+    }
+
+    /// Takes the next upstream chunk; returns what can be sent now (possibly empty).
+    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+        let Some(last_newline) = chunk.iter().rposition(|b| *b == b'\n') else {
+            self.partial.extend_from_slice(chunk);
+            return Bytes::new();
+        };
+        let mut complete = std::mem::take(&mut self.partial);
+        complete.extend_from_slice(&chunk[..=last_newline]);
+        self.partial.extend_from_slice(&chunk[last_newline + 1..]);
+        // Fast path: a chunk without a usage object goes out untouched.
+        if !contains(&complete, b"\"usage\"") {
+            return complete.freeze();
+        }
+        let mut out = BytesMut::with_capacity(complete.len() + 32);
+        for line in complete.split_inclusive(|b| *b == b'\n') {
+            self.rewrite_line(line, &mut out);
+        }
+        out.freeze()
+    }
+
+    /// The end of the stream: a last line without a newline is flushed (rewritten if it can be).
+    pub fn finish(&mut self) -> Bytes {
+        let rest = std::mem::take(&mut self.partial);
+        let mut out = BytesMut::with_capacity(rest.len());
+        if !rest.is_empty() {
+            self.rewrite_line(&rest, &mut out);
+        }
+        out.freeze()
+    }
+
+    fn rewrite_line(&self, line: &[u8], out: &mut BytesMut) {
+        let body_end = line
+            .iter()
+            .rposition(|b| *b != b'\n' && *b != b'\r')
+            .map_or(0, |i| i + 1);
+        let (content, ending) = line.split_at(body_end);
+        if let Some(json) = content.strip_prefix(b"data:") {
+            let json = json.strip_prefix(b" ").unwrap_or(json);
+            if let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(json) {
+                if rewrite_usage(&mut value, self.cached_tokens) {
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(value.to_string().as_bytes());
+                    out.extend_from_slice(ending);
+                    return;
+                }
+            }
+        }
+        out.extend_from_slice(line);
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}]}\n\n\
+        data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"prompt_tokens_details\":{\"cached_tokens\":49}}}\n\n\
+        data: [DONE]\n\n";
+
+    fn run(chunks: &[&[u8]]) -> String {
+        let mut r = SseUsageRewriter::new(7);
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend_from_slice(&r.push(c));
+        }
+        out.extend_from_slice(&r.finish());
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn rewrites_usage_and_keeps_everything_else() {
+        let out = run(&[STREAM.as_bytes()]);
+        assert!(out.contains("\"content\":\"hello\""));
+        assert!(out.contains("\"cached_tokens\":7"));
+        assert!(!out.contains("\"cached_tokens\":49"));
+        assert!(out.ends_with("data: [DONE]\n\n"));
+        assert_eq!(out.matches("\n\n").count(), 3, "frame boundaries kept");
+    }
+
+    #[test]
+    fn split_anywhere_gives_the_same_output() {
+        let whole = run(&[STREAM.as_bytes()]);
+        let bytes = STREAM.as_bytes();
+        for cut in 1..bytes.len() {
+            assert_eq!(run(&[&bytes[..cut], &bytes[cut..]]), whole, "cut at {cut}");
+        }
+        let singles: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert_eq!(run(&singles), whole);
+    }
+
+    #[test]
+    fn usage_without_details_gets_them_and_non_json_lines_pass() {
+        let out =
+            run(&[b"data: {\"usage\":{\"prompt_tokens\":1}}\n\ndata: not json\n: comment\n\n"]);
+        assert!(out.contains("\"prompt_tokens_details\":{\"cached_tokens\":7}"));
+        assert!(out.contains("data: not json\n: comment\n\n"));
+    }
+
+    #[test]
+    fn a_trailing_line_without_newline_is_flushed_rewritten() {
+        let out = run(&[b"data: {\"usage\":{\"prompt_tokens_details\":{\"cached_tokens\":3}}}"]);
+        assert_eq!(
+            out,
+            "data: {\"usage\":{\"prompt_tokens_details\":{\"cached_tokens\":7}}}"
+        );
+    }
+
+    #[test]
+    fn lines_without_usage_are_not_held_back() {
+        let mut r = SseUsageRewriter::new(7);
+        assert_eq!(
+            &r.push(b"data: {\"a\":1}\n\ndata: {\"b\"")[..],
+            b"data: {\"a\":1}\n\n"
+        );
+        assert_eq!(&r.push(b":2}\n\n")[..], b"data: {\"b\":2}\n\n");
+    }
+}
