@@ -1,0 +1,468 @@
+//! The process runtime: engines as local child processes, one process group each, output to a
+//! log file in the state directory, and a record file per instance (pid, start time, spec
+//! hash, labels) so that a restarted daemon adopts what is still running and can tell a live
+//! engine from a recycled pid.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use super::{
+    role_of, ExitInfo, Observed, Progress, RunState, Runtime, RuntimeError, RuntimeEvent,
+    LABEL_PROJECT,
+};
+use crate::plan::Instance;
+
+/// What the state directory remembers about one instance.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub spec_hash: String,
+    pub pid: Option<u32>,
+    /// `/proc/<pid>/stat` field 22: with the pid, identifies the process across pid reuse.
+    pub start_ticks: Option<u64>,
+    /// Known only for children of this daemon.
+    pub exit_code: Option<i64>,
+}
+
+pub struct ProcessRuntime {
+    dir: PathBuf,
+    events: broadcast::Sender<RuntimeEvent>,
+}
+
+impl ProcessRuntime {
+    /// `dir` is the project's state directory; records and logs go below it.
+    pub fn new(dir: &Path) -> Result<Self, RuntimeError> {
+        for sub in ["instances", "logs"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|source| RuntimeError::Process {
+                op: "prepare the state directory for",
+                name: dir.display().to_string(),
+                source,
+            })?;
+        }
+        Ok(ProcessRuntime {
+            dir: dir.to_path_buf(),
+            events: broadcast::channel(64).0,
+        })
+    }
+
+    fn record_path(&self, name: &str) -> PathBuf {
+        self.dir.join("instances").join(format!("{name}.json"))
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{name}.log"))
+    }
+
+    fn read(&self, name: &str) -> Option<Record> {
+        let text = std::fs::read_to_string(self.record_path(name)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn write(&self, rec: &Record) -> Result<(), RuntimeError> {
+        let path = self.record_path(&rec.name);
+        let tmp = path.with_extension("tmp");
+        let io = |source| RuntimeError::Process {
+            op: "record",
+            name: rec.name.clone(),
+            source,
+        };
+        std::fs::write(&tmp, serde_json::to_vec(rec).expect("record serialises")).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)
+    }
+
+    fn alive(rec: &Record) -> bool {
+        match (rec.pid, rec.start_ticks) {
+            (Some(pid), Some(ticks)) => proc_start_ticks(pid) == Some(ticks),
+            _ => false,
+        }
+    }
+}
+
+/// The start time of a live (not zombie) process, from `/proc/<pid>/stat`.
+pub fn proc_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+fn signal_group(pid: u32, sig: i32) {
+    // process_group(0) made the engine the leader of group `pid`: this reaches its workers too.
+    // SAFETY: kill(2) has no memory effects; a stale group only yields ESRCH.
+    unsafe {
+        libc::kill(-(pid as i32), sig);
+    }
+}
+
+fn signal_number(name: &str) -> i32 {
+    match name.trim_start_matches("SIG") {
+        "INT" => libc::SIGINT,
+        "KILL" => libc::SIGKILL,
+        "QUIT" => libc::SIGQUIT,
+        "HUP" => libc::SIGHUP,
+        _ => libc::SIGTERM,
+    }
+}
+
+/// argv[0] `pdctl` means this very executable (the plan writes `["pdctl", "sim", ...]`).
+fn program(argv0: &str) -> PathBuf {
+    if argv0 == "pdctl" {
+        if let Ok(exe) = std::env::current_exe() {
+            return exe;
+        }
+    }
+    PathBuf::from(argv0)
+}
+
+impl Runtime for ProcessRuntime {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn ensure_image<'a>(
+        &'a self,
+        inst: &'a Instance,
+        _progress: Progress<'a>,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        async move {
+            if inst.argv.is_empty() {
+                return Err(RuntimeError::EmptyArgv {
+                    name: inst.name.clone(),
+                });
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn create<'a>(&'a self, inst: &'a Instance) -> BoxFuture<'a, Result<String, RuntimeError>> {
+        async move {
+            self.write(&Record {
+                name: inst.name.clone(),
+                labels: inst.labels.clone(),
+                spec_hash: inst.spec_hash.clone(),
+                ..Record::default()
+            })?;
+            Ok(inst.name.clone())
+        }
+        .boxed()
+    }
+
+    fn start<'a>(&'a self, inst: &'a Instance) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        async move {
+            let name = inst.name.clone();
+            let io = |op| {
+                let name = name.clone();
+                move |source| RuntimeError::Process { op, name, source }
+            };
+            if self.read(&name).is_some_and(|r| Self::alive(&r)) {
+                return Ok(());
+            }
+            let (argv0, args) = inst
+                .argv
+                .split_first()
+                .ok_or(RuntimeError::EmptyArgv { name: name.clone() })?;
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.log_path(&name))
+                .map_err(io("open the log of"))?;
+            let mut cmd = tokio::process::Command::new(program(argv0));
+            cmd.args(args)
+                .envs(inst.env.iter().map(|e| (&e.name, &e.value)))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().map_err(io("open the log of"))?)
+                .stderr(log)
+                // Its own group: Ctrl-C at the terminal reaches only the daemon, which stops
+                // engines gracefully, and a SIGKILLed daemon leaves them running for adoption.
+                .process_group(0);
+            if !inst.gpus.is_empty() && !inst.env.iter().any(|e| e.name == "CUDA_VISIBLE_DEVICES") {
+                let ids: Vec<String> = inst.gpus.iter().map(|g| g.index.to_string()).collect();
+                cmd.env("CUDA_VISIBLE_DEVICES", ids.join(","));
+            }
+            let mut child = cmd.spawn().map_err(io("start"))?;
+            let pid = child.id().unwrap_or_default();
+            let rec = Record {
+                name: name.clone(),
+                labels: inst.labels.clone(),
+                spec_hash: inst.spec_hash.clone(),
+                pid: Some(pid),
+                start_ticks: proc_start_ticks(pid),
+                exit_code: None,
+            };
+            self.write(&rec)?;
+            let record_path = self.record_path(&name);
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                use std::os::unix::process::ExitStatusExt;
+                let Ok(status) = child.wait().await else {
+                    return;
+                };
+                let code = status
+                    .code()
+                    .map(i64::from)
+                    .or_else(|| status.signal().map(|s| 128 + i64::from(s)));
+                // Only if the record still describes this process (not a newer start).
+                if let Ok(text) = std::fs::read_to_string(&record_path) {
+                    if let Ok(mut r) = serde_json::from_str::<Record>(&text) {
+                        if r.pid == Some(pid) {
+                            r.exit_code = code;
+                            let _ = std::fs::write(
+                                &record_path,
+                                serde_json::to_vec(&r).unwrap_or_default(),
+                            );
+                        }
+                    }
+                }
+                let _ = events.send(RuntimeEvent {
+                    name,
+                    action: "die".into(),
+                });
+            });
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn stop<'a>(
+        &'a self,
+        name: &'a str,
+        grace: Duration,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        async move {
+            let Some(rec) = self.read(name) else {
+                return Ok(());
+            };
+            let Some(pid) = rec.pid.filter(|_| Self::alive(&rec)) else {
+                return Ok(());
+            };
+            let sig = rec
+                .labels
+                .get("pdctl.stop-signal")
+                .map_or(libc::SIGTERM, |s| signal_number(s));
+            signal_group(pid, sig);
+            let deadline = tokio::time::Instant::now() + grace;
+            while Self::alive(&rec) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // The leader may be gone while workers it forked linger: the group goes in any case.
+            signal_group(pid, libc::SIGKILL);
+            while Self::alive(&rec) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn remove<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        async move {
+            self.stop(name, Duration::ZERO).await?;
+            let _ = std::fs::remove_file(self.record_path(name));
+            let _ = std::fs::remove_file(self.log_path(name));
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn list<'a>(&'a self, project: &'a str) -> BoxFuture<'a, Result<Vec<Observed>, RuntimeError>> {
+        async move {
+            let dir = self.dir.join("instances");
+            let entries = std::fs::read_dir(&dir).map_err(|source| RuntimeError::Process {
+                op: "list",
+                name: dir.display().to_string(),
+                source,
+            })?;
+            let mut out = Vec::new();
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                    continue;
+                }
+                let Some(rec) = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<Record>(&t).ok())
+                else {
+                    continue;
+                };
+                if rec.labels.get(LABEL_PROJECT).map(String::as_str) != Some(project) {
+                    continue;
+                }
+                let (state, exit) = match rec.pid {
+                    None => (RunState::Created, None),
+                    Some(_) if Self::alive(&rec) => (RunState::Running, None),
+                    Some(_) => (
+                        RunState::Exited,
+                        Some(ExitInfo {
+                            code: rec.exit_code,
+                            oom_killed: false,
+                        }),
+                    ),
+                };
+                out.push(Observed {
+                    id: rec.pid.map(|p| p.to_string()).unwrap_or_default(),
+                    role: role_of(&rec.labels),
+                    name: rec.name,
+                    spec_hash: rec.spec_hash,
+                    labels: rec.labels,
+                    state,
+                    exit,
+                });
+            }
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn logs(
+        &self,
+        name: &str,
+        tail: Option<usize>,
+        follow: bool,
+    ) -> BoxStream<'static, Result<Bytes, RuntimeError>> {
+        let path = self.log_path(name);
+        let name = name.to_string();
+        let first = (|| -> std::io::Result<(Bytes, u64)> {
+            let mut f = std::fs::File::open(&path)?;
+            let mut all = Vec::new();
+            f.read_to_end(&mut all)?;
+            let len = all.len() as u64;
+            Ok((Bytes::from(tail_lines(&all, tail).to_vec()), len))
+        })();
+        let (head, offset) = match first {
+            Ok(x) => x,
+            Err(source) => {
+                let err = RuntimeError::Process {
+                    op: "read logs of",
+                    name,
+                    source,
+                };
+                return futures_util::stream::once(async move { Err(err) }).boxed();
+            }
+        };
+        let head = futures_util::stream::once(async move { Ok(head) });
+        if !follow {
+            return head.boxed();
+        }
+        let more = futures_util::stream::unfold((path, offset), |(path, mut offset)| async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let Ok(mut f) = std::fs::File::open(&path) else {
+                    return None;
+                };
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                if len < offset {
+                    offset = 0;
+                }
+                if len > offset && f.seek(SeekFrom::Start(offset)).is_ok() {
+                    let mut buf = Vec::new();
+                    if f.read_to_end(&mut buf).is_ok() {
+                        offset += buf.len() as u64;
+                        return Some((Ok(Bytes::from(buf)), (path, offset)));
+                    }
+                }
+            }
+        });
+        head.chain(more).boxed()
+    }
+
+    fn events(&self, _project: &str) -> BoxStream<'static, RuntimeEvent> {
+        let rx = self.events.subscribe();
+        futures_util::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(e) => return Some((e, rx)),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .boxed()
+    }
+}
+
+/// The last `n` lines of `buf` (all of it for `None`).
+pub fn tail_lines(buf: &[u8], n: Option<usize>) -> &[u8] {
+    let Some(n) = n else { return buf };
+    let body = buf.strip_suffix(b"\n").unwrap_or(buf);
+    let mut seen = 0;
+    for (i, b) in body.iter().enumerate().rev() {
+        if *b == b'\n' {
+            seen += 1;
+            if seen == n {
+                return &buf[i + 1..];
+            }
+        }
+    }
+    if n == 0 {
+        &buf[buf.len()..]
+    } else {
+        buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        assert_eq!(tail_lines(b"a\nb\nc\n", Some(2)), b"b\nc\n");
+        assert_eq!(tail_lines(b"a\nb\nc", Some(1)), b"c");
+        assert_eq!(tail_lines(b"a\nb\n", Some(5)), b"a\nb\n");
+        assert_eq!(tail_lines(b"a\nb\n", None), b"a\nb\n");
+        assert_eq!(tail_lines(b"a\nb\n", Some(0)), b"");
+    }
+
+    #[test]
+    fn own_start_time_is_readable_and_bogus_pids_are_dead() {
+        assert!(proc_start_ticks(std::process::id()).is_some());
+        assert!(proc_start_ticks(u32::MAX - 1).is_none());
+    }
+
+    #[tokio::test]
+    async fn start_stop_and_list_a_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new(dir.path()).unwrap();
+        let mut inst = crate::reconcile::testing::instance("t", crate::plan::Role::Decode, 0, "h");
+        inst.argv = ["sh", "-c", "echo hello; sleep 30 & sleep 30"]
+            .map(String::from)
+            .to_vec();
+        rt.create(&inst).await.unwrap();
+        assert_eq!(rt.list("t").await.unwrap()[0].state, RunState::Created);
+        rt.start(&inst).await.unwrap();
+        let seen = rt.list("t").await.unwrap();
+        assert_eq!(seen[0].state, RunState::Running);
+        assert_eq!(seen[0].spec_hash, "h");
+        // The shell runs on its own schedule: wait for its output rather than guess a time.
+        while std::fs::read(rt.log_path(&inst.name))
+            .unwrap_or_default()
+            .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        rt.stop(&inst.name, Duration::from_secs(5)).await.unwrap();
+        let seen = rt.list("t").await.unwrap();
+        assert_eq!(seen[0].state, RunState::Exited);
+        let logs: Vec<_> = rt.logs(&inst.name, Some(10), false).collect().await;
+        assert_eq!(logs[0].as_ref().unwrap().as_ref(), b"hello\n");
+        rt.remove(&inst.name).await.unwrap();
+        assert!(rt.list("t").await.unwrap().is_empty());
+    }
+}
