@@ -36,6 +36,16 @@ pub enum Command {
     Proxy(crate::proxy::cli::ProxyArgs),
     /// Drop-in for llm-d's routing sidecar in a Kubernetes decode pod (llm-d's flag names).
     Sidecar(crate::proxy::cli::SidecarArgs),
+    /// Start the deployment (engines, health, proxy) and keep it running; `-d` detaches.
+    Up(crate::daemon::cli::UpArgs),
+    /// Stop the deployment: the proxy drains, engines stop, nothing is left behind.
+    Down(crate::daemon::cli::DownArgs),
+    /// Instances with state, readiness, restarts and last exit reason.
+    Status(crate::daemon::cli::StatusArgs),
+    /// An instance's output (`-f` follows).
+    Logs(crate::daemon::cli::LogsArgs),
+    /// Change replica counts of the running deployment: `pdctl scale prefill=2 decode=1`.
+    Scale(crate::daemon::cli::ScaleArgs),
     /// Run a simulated vLLM engine (P/D semantics, no GPU); `pdctl sim --help` for its flags.
     #[command(disable_help_flag = true)]
     Sim {
@@ -98,6 +108,11 @@ pub fn main() -> ExitCode {
         Command::Validate(a) => crate::plan::cli::validate(a),
         Command::Plan(a) => crate::plan::cli::plan(a),
         Command::Gpus(a) => crate::gpu::cli::run(a),
+        Command::Up(a) => crate::daemon::cli::up(a),
+        Command::Down(a) => crate::daemon::cli::down(a),
+        Command::Status(a) => crate::daemon::cli::status(a),
+        Command::Logs(a) => crate::daemon::cli::logs(a),
+        Command::Scale(a) => crate::daemon::cli::scale(a),
         Command::Sim { args } => crate::sim::run(&args),
         Command::Proxy(a) => crate::proxy::cli::run_proxy(a),
         Command::Sidecar(a) => crate::proxy::cli::run_sidecar(a),

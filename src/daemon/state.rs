@@ -1,0 +1,160 @@
+//! The per-project state directory: lock, control socket, process records and logs, the
+//! daemon's own log when detached, and the scale override.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::DaemonError;
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub dir: PathBuf,
+}
+
+/// Replica counts set with `pdctl scale`, kept until `pdctl down`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scale {
+    pub prefill: Option<u32>,
+    pub decode: Option<u32>,
+}
+
+/// `$PDCTL_STATE_DIR`, else `$XDG_RUNTIME_DIR/pdctl`, else `~/.local/state/pdctl`.
+pub fn root() -> PathBuf {
+    let env = |k| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(d) = env("PDCTL_STATE_DIR") {
+        return d;
+    }
+    if let Some(d) = env("XDG_RUNTIME_DIR") {
+        return d.join("pdctl");
+    }
+    env("HOME")
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join(".local/state/pdctl")
+}
+
+impl StateDir {
+    pub fn for_project(project: &str) -> Self {
+        StateDir {
+            dir: root().join(project),
+        }
+    }
+
+    pub fn create(&self) -> Result<(), DaemonError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| DaemonError::io("create", &self.dir, e))?;
+        // Sockets and logs of engines are private to the user who runs them.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700));
+        Ok(())
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    pub fn lock_path(&self) -> PathBuf {
+        self.dir.join("daemon.lock")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("daemon.log")
+    }
+
+    fn scale_path(&self) -> PathBuf {
+        self.dir.join("scale.json")
+    }
+
+    /// Takes the project's lock; `Ok(None)` when another daemon holds it. The kernel drops
+    /// the lock when the holder dies, SIGKILL included, so a stale file never blocks.
+    pub fn try_lock(&self) -> Result<Option<File>, DaemonError> {
+        self.create()?;
+        let path = self.lock_path();
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| DaemonError::io("open", &path, e))?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(f)),
+            Err(TryLockError::WouldBlock) => Ok(None),
+            Err(TryLockError::Error(e)) => Err(DaemonError::io("lock", &path, e)),
+        }
+    }
+
+    /// The pid the lock holder wrote, for messages.
+    pub fn holder_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.lock_path())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    pub fn scale(&self) -> Scale {
+        std::fs::read_to_string(self.scale_path())
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn set_scale(&self, s: Scale) -> Result<(), DaemonError> {
+        let p = self.scale_path();
+        std::fs::write(&p, serde_json::to_vec(&s).expect("scale serialises"))
+            .map_err(|e| DaemonError::io("write", &p, e))
+    }
+
+    pub fn clear_scale(&self) {
+        let _ = std::fs::remove_file(self.scale_path());
+    }
+}
+
+/// Writes our pid into the held lock file.
+pub fn write_pid(lock: &mut File) {
+    use std::io::{Seek, Write};
+    let _ = lock.set_len(0);
+    let _ = lock.seek(std::io::SeekFrom::Start(0));
+    let _ = writeln!(lock, "{}", std::process::id());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_on_the_same_project_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = StateDir {
+            dir: tmp.path().join("p"),
+        };
+        let mut first = s.try_lock().unwrap().expect("first lock");
+        write_pid(&mut first);
+        assert_eq!(s.holder_pid(), Some(std::process::id()));
+        assert!(s.try_lock().unwrap().is_none());
+        drop(first);
+        assert!(s.try_lock().unwrap().is_some());
+    }
+
+    #[test]
+    fn scale_override_round_trips() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = StateDir {
+            dir: tmp.path().to_path_buf(),
+        };
+        assert_eq!(s.scale(), Scale::default());
+        let sc = Scale {
+            prefill: Some(2),
+            decode: None,
+        };
+        s.set_scale(sc).unwrap();
+        assert_eq!(s.scale(), sc);
+        s.clear_scale();
+        assert_eq!(s.scale(), Scale::default());
+    }
+}
