@@ -283,7 +283,7 @@ mod tests {
         assert_eq!(t.last_exit.as_deref(), Some("exit code 137 (SIGKILL)"));
         assert_eq!(t.backoff_until, Some(t0 + Duration::from_secs(6)));
         let early = decide(
-            &[d0.clone()],
+            std::slice::from_ref(&d0),
             &dead,
             &tr,
             t0 + Duration::from_secs(5),
@@ -291,7 +291,7 @@ mod tests {
         );
         assert!(early.is_empty(), "still backing off: {early:?}");
         let later = decide(
-            &[d0.clone()],
+            std::slice::from_ref(&d0),
             &dead,
             &tr,
             t0 + Duration::from_secs(6),
@@ -333,12 +333,33 @@ mod tests {
             }),
         )];
         d0.restart_policy = RestartPolicy::OnFailure;
-        assert!(decide(&[d0.clone()], &clean, &BTreeMap::new(), now, &cfg()).is_empty());
+        assert!(decide(
+            std::slice::from_ref(&d0),
+            &clean,
+            &BTreeMap::new(),
+            now,
+            &cfg()
+        )
+        .is_empty());
         d0.restart_policy = RestartPolicy::Never;
-        assert!(decide(&[d0.clone()], &clean, &BTreeMap::new(), now, &cfg()).is_empty());
+        assert!(decide(
+            std::slice::from_ref(&d0),
+            &clean,
+            &BTreeMap::new(),
+            now,
+            &cfg()
+        )
+        .is_empty());
         d0.restart_policy = RestartPolicy::Always;
         assert_eq!(
-            decide(&[d0.clone()], &clean, &BTreeMap::new(), now, &cfg()).len(),
+            decide(
+                std::slice::from_ref(&d0),
+                &clean,
+                &BTreeMap::new(),
+                now,
+                &cfg()
+            )
+            .len(),
             1
         );
     }
@@ -352,7 +373,7 @@ mod tests {
         observe(&mut tr, &seen, now, &Backoff::default());
         tr.get_mut(&d0.name).unwrap().health.failed = Some("liveness probe failed");
         assert_eq!(
-            decide(&[d0.clone()], &seen, &tr, now, &cfg()),
+            decide(std::slice::from_ref(&d0), &seen, &tr, now, &cfg()),
             vec![Action::Restart {
                 inst: d0,
                 reason: "liveness probe failed"
@@ -404,7 +425,7 @@ mod tests {
         ];
         let mut tr = BTreeMap::new();
         observe(&mut tr, &seen, now, &Backoff::default());
-        let a = decide(&[d0.clone()], &seen, &tr, now, &cfg());
+        let a = decide(std::slice::from_ref(&d0), &seen, &tr, now, &cfg());
         assert_eq!(
             a,
             vec![Action::Drain {
@@ -415,7 +436,7 @@ mod tests {
         tr.get_mut(&d1.name).unwrap().draining_since = Some(now);
         assert!(!routable(&d1, Some(&seen[1]), tr.get(&d1.name)));
         assert!(decide(
-            &[d0.clone()],
+            std::slice::from_ref(&d0),
             &seen,
             &tr,
             now + Duration::from_secs(1),
