@@ -1,0 +1,321 @@
+//! Helpers for the daemon end-to-end tests (process and Docker runtimes): a deployment in a
+//! temp state directory on free loopback ports, the real `pdctl` binary, and a guard that
+//! always takes the deployment down.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn pdctl_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pdctl")
+}
+
+/// A port `p` with `p..p+n` all free on loopback right now.
+pub fn free_ports(n: u16) -> u16 {
+    for _ in 0..200 {
+        let first = TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = first.local_addr().unwrap().port();
+        if p > 65000 {
+            continue;
+        }
+        let rest: Vec<_> = (1..n)
+            .map(|i| TcpListener::bind(("127.0.0.1", p + i)))
+            .collect();
+        if rest.iter().all(|r| r.is_ok()) {
+            return p;
+        }
+    }
+    panic!("no {n} consecutive free ports");
+}
+
+/// One deployment under test. Dropping it runs `pdctl down`, pass or fail.
+pub struct Deployment {
+    pub dir: tempfile::TempDir,
+    pub file: PathBuf,
+    pub project: String,
+    pub proxy_port: u16,
+    pub decode_base: u16,
+}
+
+impl Deployment {
+    /// `runtime` is the `[runtime]` table body; probes are short so scenarios take seconds.
+    pub fn new(tag: &str, runtime: &str, prefill: u32, decode: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Unique per test run: Docker containers are global, names must not collide.
+        let project = format!("t{}-{tag}", std::process::id());
+        let proxy_port = free_ports(1);
+        let prefill_base = free_ports(prefill as u16 + 1);
+        let decode_base = free_ports(decode as u16 + 1);
+        let kv_p = free_ports(prefill as u16 + 1);
+        let kv_d = free_ports(decode as u16 + 1);
+        let pool = |replicas: u32, http: u16, kv: u16| {
+            format!(
+                "replicas = {replicas}\ngpus_per_replica = 0\nhttp_port_base = {http}\nside_channel_port_base = {kv}\nshm_size = \"128Mi\"\nstop_grace_seconds = 3\nprobes.startup.period_seconds = 1\nprobes.liveness.period_seconds = 1\nprobes.liveness.failure_threshold = 3\n"
+            )
+        };
+        let text = format!(
+            "project = \"{project}\"\n\n[model]\nname = \"sim-model\"\npath = \"{model}\"\n\n[runtime]\n{runtime}\n\n[prefill]\n{p}\n[decode]\n{d}\n[proxy]\nlisten = \"127.0.0.1:{proxy_port}\"\n",
+            model = dir.path().display(),
+            p = pool(prefill, prefill_base, kv_p),
+            d = pool(decode, decode_base, kv_d),
+        );
+        let file = dir.path().join("pools.toml");
+        std::fs::write(&file, text).unwrap();
+        Deployment {
+            dir,
+            file,
+            project,
+            proxy_port,
+            decode_base,
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(pdctl_bin());
+        c.args(args)
+            .env("PDCTL_STATE_DIR", self.state_dir())
+            .env("PDCTL_LOG", "info");
+        c
+    }
+
+    /// Runs `pdctl <sub> -f FILE <extra>` to completion.
+    pub fn run(&self, sub: &str, extra: &[&str]) -> Output {
+        let file = self.file.display().to_string();
+        let mut args = vec![sub];
+        if sub == "logs" {
+            args.extend(["--file", &file]);
+        } else {
+            args.extend(["-f", &file]);
+        }
+        args.extend(extra);
+        self.cmd(&args).output().expect("pdctl runs")
+    }
+
+    pub fn up_detached(&self) -> Output {
+        let out = self.run("up", &["-d"]);
+        assert!(
+            out.status.success(),
+            "up -d failed: {}\n{}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon_log()
+        );
+        out
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.state_dir().join(&self.project).join("daemon.log"))
+            .unwrap_or_default()
+    }
+
+    pub fn status(&self) -> Value {
+        let out = self.run("status", &["-o", "json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    pub fn instance(&self, name_suffix: &str) -> Value {
+        let s = self.status();
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["instance"].as_str().unwrap().ends_with(name_suffix))
+            .cloned()
+            .unwrap_or_else(|| panic!("no instance {name_suffix} in {s}"))
+    }
+
+    /// Polls `status` until `pred` holds (bounded, so a broken daemon fails the test).
+    pub fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status {s:#}\ndaemon log:\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn completion(&self) -> (u16, String) {
+        http(
+            self.proxy_port,
+            "POST",
+            "/v1/completions",
+            r#"{"model":"sim-model","prompt":"The quick brown fox jumps over the lazy dog, twice.","max_tokens":4}"#,
+        )
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        let _ = self.run("down", &[]);
+    }
+}
+
+pub fn all_ready(s: &Value) -> bool {
+    let list = s["instances"].as_array().unwrap();
+    !list.is_empty() && list.iter().all(|i| i["ready"] == true)
+}
+
+pub fn ids(s: &Value) -> Vec<String> {
+    s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// A minimal HTTP/1.1 exchange on loopback: (status, body).
+pub fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// The value of an unlabelled-or-labelled sample `name` on an engine's /metrics.
+pub fn metric(port: u16, name: &str) -> f64 {
+    let (_, page) = http(port, "GET", "/metrics", "");
+    page.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub fn proc_alive(pid: &str) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+}
+
+/// The scenario both runtimes go through. `kill` kills one engine from outside (SIGKILL);
+/// `gone` says whether no engine with these ids is left.
+pub fn lifecycle(d: &Deployment, kill: &dyn Fn(&str), gone: &dyn Fn(&[String]) -> bool) {
+    let t0 = Instant::now();
+    let out = d.up_detached();
+    eprintln!("MEASURED up -d to all ready: {:?}", t0.elapsed());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("OpenAI endpoint: http://127.0.0.1:"), "{stdout}");
+    assert!(stdout.contains("curl "), "{stdout}");
+    let s = d.status();
+    assert!(all_ready(&s), "{s:#}");
+    assert_eq!(s["instances"].as_array().unwrap().len(), 3);
+
+    // A second daemon for the same project is refused.
+    let again = d.run("up", &["-d"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+
+    // P/D through the proxy, with a real KV pull by a decode.
+    let (code, body) = d.completion();
+    assert_eq!(code, 200, "{body}");
+    let pulls: f64 = (0..2)
+        .map(|i| metric(d.decode_base + i, "pdctl_sim_kv_pulls_ok_total"))
+        .sum();
+    let failed: f64 = (0..2)
+        .map(|i| metric(d.decode_base + i, "pdctl_sim_kv_pulls_failed_total"))
+        .sum();
+    assert_eq!((pulls, failed), (1.0, 0.0));
+
+    // Kill a decode: out of routing, the other decode keeps serving, then it comes back.
+    let victim = d.instance("decode-0");
+    let t_kill = Instant::now();
+    kill(victim["id"].as_str().unwrap());
+    d.wait_status("decode-0 to leave readiness", |s| {
+        s["instances"].as_array().unwrap().iter().any(|i| {
+            i["instance"].as_str().unwrap().ends_with("decode-0") && i["ready"] == false
+        })
+    });
+    for _ in 0..3 {
+        let (code, body) = d.completion();
+        assert_eq!(code, 200, "served by the other decode: {body}");
+    }
+    let s = d.wait_status("decode-0 restarted and ready", |s| {
+        all_ready(s)
+            && s["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["instance"].as_str().unwrap().ends_with("decode-0") && i["restarts"] == 1)
+    });
+    eprintln!("MEASURED kill to ready again: {:?}", t_kill.elapsed());
+    let row = d.instance("decode-0");
+    assert!(
+        row["last_exit"].as_str().unwrap().contains("137"),
+        "{row}"
+    );
+    let before = ids(&s);
+
+    // SIGKILL the daemon, start it again: it adopts the running engines.
+    let pid = s["pid"].as_u64().unwrap().to_string();
+    assert!(Command::new("kill").args(["-9", &pid]).status().unwrap().success());
+    while proc_alive(&pid) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t_adopt = Instant::now();
+    d.up_detached();
+    eprintln!("MEASURED daemon restart to ready (adoption): {:?}", t_adopt.elapsed());
+    let s = d.status();
+    assert_eq!(ids(&s), before, "same engines, none restarted or duplicated");
+    assert!(s["instances"].as_array().unwrap().iter().all(|i| i["restarts"] == 0));
+    let (code, _) = d.completion();
+    assert_eq!(code, 200);
+
+    // Scale down: decode-1 drains and goes away.
+    let out = d.run("scale", &["decode=1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("replicas = 1"));
+    d.wait_status("decode-1 removed", |s| {
+        s["instances"].as_array().unwrap().len() == 2 && all_ready(s)
+    });
+
+    let logs = d.run("logs", &["prefill-0", "--tail", "5"]);
+    assert!(logs.status.success());
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("listening"));
+
+    // Down leaves nothing; a second down is a no-op.
+    let t_down = Instant::now();
+    let out = d.run("down", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("MEASURED down: {:?}", t_down.elapsed());
+    assert!(gone(&before), "engines left after down");
+    let out = d.run("down", &[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to do"));
+    let st = d.run("status", &[]);
+    assert_eq!(st.status.code(), Some(3));
+}
