@@ -8,11 +8,20 @@ use daemon_support::*;
 
 #[test]
 fn process_runtime_lifecycle() {
-    let d = Deployment::new("proc", "kind = \"process\"\ncommand = [\"pdctl\", \"sim\"]", 1, 2);
+    let d = Deployment::new(
+        "proc",
+        "kind = \"process\"\ncommand = [\"pdctl\", \"sim\"]",
+        1,
+        2,
+    );
     lifecycle(
         &d,
         &|pid| {
-            assert!(Command::new("kill").args(["-9", pid]).status().unwrap().success());
+            assert!(Command::new("kill")
+                .args(["-9", pid])
+                .status()
+                .unwrap()
+                .success());
         },
         &|pids| pids.iter().all(|p| !proc_alive(p)),
     );
@@ -20,7 +29,12 @@ fn process_runtime_lifecycle() {
 
 #[test]
 fn a_busy_proxy_port_is_reported_before_anything_starts() {
-    let d = Deployment::new("busy", "kind = \"process\"\ncommand = [\"pdctl\", \"sim\"]", 1, 1);
+    let d = Deployment::new(
+        "busy",
+        "kind = \"process\"\ncommand = [\"pdctl\", \"sim\"]",
+        1,
+        1,
+    );
     let _held = std::net::TcpListener::bind(("127.0.0.1", d.proxy_port)).unwrap();
     let out = d.run("up", &[]);
     assert!(!out.status.success());

@@ -202,7 +202,11 @@ pub fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = raw.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("").to_string();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
     (status, body)
 }
 
@@ -229,7 +233,10 @@ pub fn lifecycle(d: &Deployment, kill: &dyn Fn(&str), gone: &dyn Fn(&[String]) -
     let out = d.up_detached();
     eprintln!("MEASURED up -d to all ready: {:?}", t0.elapsed());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("OpenAI endpoint: http://127.0.0.1:"), "{stdout}");
+    assert!(
+        stdout.contains("OpenAI endpoint: http://127.0.0.1:"),
+        "{stdout}"
+    );
     assert!(stdout.contains("curl "), "{stdout}");
     let s = d.status();
     assert!(all_ready(&s), "{s:#}");
@@ -256,9 +263,11 @@ pub fn lifecycle(d: &Deployment, kill: &dyn Fn(&str), gone: &dyn Fn(&[String]) -
     let t_kill = Instant::now();
     kill(victim["id"].as_str().unwrap());
     d.wait_status("decode-0 to leave readiness", |s| {
-        s["instances"].as_array().unwrap().iter().any(|i| {
-            i["instance"].as_str().unwrap().ends_with("decode-0") && i["ready"] == false
-        })
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["instance"].as_str().unwrap().ends_with("decode-0") && i["ready"] == false)
     });
     for _ in 0..3 {
         let (code, body) = d.completion();
@@ -266,38 +275,52 @@ pub fn lifecycle(d: &Deployment, kill: &dyn Fn(&str), gone: &dyn Fn(&[String]) -
     }
     let s = d.wait_status("decode-0 restarted and ready", |s| {
         all_ready(s)
-            && s["instances"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|i| i["instance"].as_str().unwrap().ends_with("decode-0") && i["restarts"] == 1)
+            && s["instances"].as_array().unwrap().iter().any(|i| {
+                i["instance"].as_str().unwrap().ends_with("decode-0") && i["restarts"] == 1
+            })
     });
     eprintln!("MEASURED kill to ready again: {:?}", t_kill.elapsed());
     let row = d.instance("decode-0");
-    assert!(
-        row["last_exit"].as_str().unwrap().contains("137"),
-        "{row}"
-    );
+    assert!(row["last_exit"].as_str().unwrap().contains("137"), "{row}");
     let before = ids(&s);
 
     // SIGKILL the daemon, start it again: it adopts the running engines.
     let pid = s["pid"].as_u64().unwrap().to_string();
-    assert!(Command::new("kill").args(["-9", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .unwrap()
+        .success());
     while proc_alive(&pid) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let t_adopt = Instant::now();
     d.up_detached();
-    eprintln!("MEASURED daemon restart to ready (adoption): {:?}", t_adopt.elapsed());
+    eprintln!(
+        "MEASURED daemon restart to ready (adoption): {:?}",
+        t_adopt.elapsed()
+    );
     let s = d.status();
-    assert_eq!(ids(&s), before, "same engines, none restarted or duplicated");
-    assert!(s["instances"].as_array().unwrap().iter().all(|i| i["restarts"] == 0));
+    assert_eq!(
+        ids(&s),
+        before,
+        "same engines, none restarted or duplicated"
+    );
+    assert!(s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i["restarts"] == 0));
     let (code, _) = d.completion();
     assert_eq!(code, 200);
 
     // Scale down: decode-1 drains and goes away.
     let out = d.run("scale", &["decode=1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("replicas = 1"));
     d.wait_status("decode-1 removed", |s| {
         s["instances"].as_array().unwrap().len() == 2 && all_ready(s)
@@ -310,7 +333,11 @@ pub fn lifecycle(d: &Deployment, kill: &dyn Fn(&str), gone: &dyn Fn(&[String]) -
     // Down leaves nothing; a second down is a no-op.
     let t_down = Instant::now();
     let out = d.run("down", &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     eprintln!("MEASURED down: {:?}", t_down.elapsed());
     assert!(gone(&before), "engines left after down");
     let out = d.run("down", &[]);
