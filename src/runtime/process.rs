@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,6 +39,9 @@ pub struct Record {
 pub struct ProcessRuntime {
     dir: PathBuf,
     events: broadcast::Sender<RuntimeEvent>,
+    /// Serialises read-modify-write of records: without it, the reaper of an old process
+    /// could write its exit back over the record of the process that replaced it.
+    records: Arc<Mutex<()>>,
 }
 
 impl ProcessRuntime {
@@ -53,6 +57,7 @@ impl ProcessRuntime {
         Ok(ProcessRuntime {
             dir: dir.to_path_buf(),
             events: broadcast::channel(64).0,
+            records: Arc::new(Mutex::new(())),
         })
     }
 
@@ -152,6 +157,7 @@ impl Runtime for ProcessRuntime {
 
     fn create<'a>(&'a self, inst: &'a Instance) -> BoxFuture<'a, Result<String, RuntimeError>> {
         async move {
+            let _records = self.records.lock().unwrap_or_else(|p| p.into_inner());
             self.write(&Record {
                 name: inst.name.clone(),
                 labels: inst.labels.clone(),
@@ -170,6 +176,7 @@ impl Runtime for ProcessRuntime {
                 let name = name.clone();
                 move |source| RuntimeError::Process { op, name, source }
             };
+            let _records = self.records.lock().unwrap_or_else(|p| p.into_inner());
             if self.read(&name).is_some_and(|r| Self::alive(&r)) {
                 return Ok(());
             }
@@ -208,6 +215,7 @@ impl Runtime for ProcessRuntime {
             self.write(&rec)?;
             let record_path = self.record_path(&name);
             let events = self.events.clone();
+            let records = self.records.clone();
             tokio::spawn(async move {
                 use std::os::unix::process::ExitStatusExt;
                 let Ok(status) = child.wait().await else {
@@ -218,6 +226,7 @@ impl Runtime for ProcessRuntime {
                     .map(i64::from)
                     .or_else(|| status.signal().map(|s| 128 + i64::from(s)));
                 // Only if the record still describes this process (not a newer start).
+                let guard = records.lock().unwrap_or_else(|p| p.into_inner());
                 if let Ok(text) = std::fs::read_to_string(&record_path) {
                     if let Ok(mut r) = serde_json::from_str::<Record>(&text) {
                         if r.pid == Some(pid) {

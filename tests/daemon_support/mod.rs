@@ -44,6 +44,17 @@ pub struct Deployment {
 impl Deployment {
     /// `runtime` is the `[runtime]` table body; probes are short so scenarios take seconds.
     pub fn new(tag: &str, runtime: &str, prefill: u32, decode: u32) -> Self {
+        Self::with_decode_extra(tag, runtime, prefill, decode, "")
+    }
+
+    /// `decode_extra`: more `[decode]` keys (TOML lines).
+    pub fn with_decode_extra(
+        tag: &str,
+        runtime: &str,
+        prefill: u32,
+        decode: u32,
+        decode_extra: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Unique per test run: Docker containers are global, names must not collide.
         let project = format!("t{}-{tag}", std::process::id());
@@ -58,7 +69,7 @@ impl Deployment {
             )
         };
         let text = format!(
-            "project = \"{project}\"\n\n[model]\nname = \"sim-model\"\npath = \"{model}\"\n\n[runtime]\n{runtime}\n\n[prefill]\n{p}\n[decode]\n{d}\n[proxy]\nlisten = \"127.0.0.1:{proxy_port}\"\n",
+            "project = \"{project}\"\n\n[model]\nname = \"sim-model\"\npath = \"{model}\"\n\n[runtime]\n{runtime}\n\n[prefill]\n{p}\n[decode]\n{d}{decode_extra}\n[proxy]\nlisten = \"127.0.0.1:{proxy_port}\"\n",
             model = dir.path().display(),
             p = pool(prefill, prefill_base, kv_p),
             d = pool(decode, decode_base, kv_d),
