@@ -231,13 +231,16 @@ impl Runtime for ProcessRuntime {
                     if let Ok(mut r) = serde_json::from_str::<Record>(&text) {
                         if r.pid == Some(pid) {
                             r.exit_code = code;
-                            let _ = std::fs::write(
-                                &record_path,
-                                serde_json::to_vec(&r).unwrap_or_default(),
-                            );
+                            // Atomically: `list` reads records without the lock.
+                            let tmp = record_path.with_extension("tmp");
+                            let bytes = serde_json::to_vec(&r).unwrap_or_default();
+                            if std::fs::write(&tmp, bytes).is_ok() {
+                                let _ = std::fs::rename(&tmp, &record_path);
+                            }
                         }
                     }
                 }
+                drop(guard);
                 let _ = events.send(RuntimeEvent {
                     name,
                     action: "die".into(),
