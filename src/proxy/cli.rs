@@ -47,6 +47,9 @@ pub struct PolicyArgs {
     /// Clients must send `Authorization: Bearer KEY`.
     #[arg(long, env = "PDCTL_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
 }
 
 impl PolicyArgs {
@@ -190,7 +193,7 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
         mode: Mode::Pools,
         api_key: args.policy.api_key,
     };
-    run(cfg, args.listen, sources)
+    run(cfg, args.listen, sources, args.policy.workers)
 }
 
 pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
@@ -247,14 +250,15 @@ pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
         mode: Mode::Sidecar { ssrf },
         api_key: args.policy.api_key,
     };
-    run(cfg, listen, sources)
+    run(cfg, listen, sources, args.policy.workers)
 }
 
-fn run(cfg: Config, listen: SocketAddr, sources: Sources) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+fn run(cfg: Config, listen: SocketAddr, sources: Sources, workers: usize) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };
