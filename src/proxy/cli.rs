@@ -254,8 +254,13 @@ pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
 }
 
 fn run(cfg: Config, listen: SocketAddr, sources: Sources, workers: usize) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
+    // One worker: a current-thread runtime, so no request ever hops between threads.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if workers > 1 {
         builder.worker_threads(workers);
     }
     let runtime = match builder.enable_all().build() {
