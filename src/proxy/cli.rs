@@ -47,6 +47,9 @@ pub struct PolicyArgs {
     /// Clients must send `Authorization: Bearer KEY`.
     #[arg(long, env = "PDCTL_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
 }
 
 impl PolicyArgs {
@@ -127,6 +130,10 @@ pub struct SidecarArgs {
     /// A file of allowlist entries, one per line (`#` comments).
     #[arg(long)]
     pub ssrf_allowlist_file: Option<std::path::PathBuf>,
+    /// With SSRF protection: refuse every header-chosen prefill (for pods behind a router that
+    /// does P/D itself and never sends the header).
+    #[arg(long)]
+    pub ssrf_deny_all: bool,
     /// Serve HTTPS. pdctl's sidecar serves plain HTTP: terminate TLS in front of it.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
           default_value = "false", action = ArgAction::Set)]
@@ -190,7 +197,7 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
         mode: Mode::Pools,
         api_key: args.policy.api_key,
     };
-    run(cfg, args.listen, sources)
+    run(cfg, args.listen, sources, args.policy.workers)
 }
 
 pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
@@ -215,7 +222,7 @@ pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
             Ok(list) => list,
             Err(e) => return fail(e),
         };
-        if list.is_empty() {
+        if list.is_empty() && !args.ssrf_deny_all {
             return fail("--enable-ssrf-protection needs --ssrf-allowlist or --ssrf-allowlist-file (pdctl does not watch InferencePools)");
         }
         Some(list)
@@ -247,14 +254,20 @@ pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
         mode: Mode::Sidecar { ssrf },
         api_key: args.policy.api_key,
     };
-    run(cfg, listen, sources)
+    run(cfg, listen, sources, args.policy.workers)
 }
 
-fn run(cfg: Config, listen: SocketAddr, sources: Sources) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+fn run(cfg: Config, listen: SocketAddr, sources: Sources, workers: usize) -> ExitCode {
+    // One worker: a current-thread runtime, so no request ever hops between threads.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if workers > 1 {
+        builder.worker_threads(workers);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };

@@ -111,7 +111,7 @@ pub async fn handle(
             if result.kv_transfer_params.is_null() {
                 tracing::warn!(%request_id, "prefill returned no kv_transfer_params; the decode will recompute the prompt");
             }
-            let decode = decode_body(&client, result.kv_transfer_params);
+            let decode = decode_body(client, result.kv_transfer_params);
             let decode = Bytes::from(serde_json::to_vec(&decode).expect("JSON map"));
             let cached = Some(result.cached_tokens);
             to_decode(

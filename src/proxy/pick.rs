@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::plan::Role;
 use crate::spec::proxy::PickPolicy;
@@ -21,6 +23,8 @@ pub struct Upstream {
     pub waiting: AtomicU64,
     /// `vllm:kv_cache_usage_perc` × 10⁶, scraped.
     pub kv_usage_micros: AtomicU64,
+    /// This endpoint's in-flight gauge, looked up once rather than on every request.
+    pub gauge: OnceLock<Gauge>,
 }
 
 impl Upstream {
@@ -32,6 +36,7 @@ impl Upstream {
             in_flight: AtomicUsize::new(0),
             waiting: AtomicU64::new(0),
             kv_usage_micros: AtomicU64::new(0),
+            gauge: OnceLock::new(),
         }
     }
 
@@ -150,33 +155,26 @@ pub fn pick(
     chosen.cloned()
 }
 
-/// Told of every in-flight change (+1/-1), e.g. to mirror the count into a metric.
-pub type OnChange = Box<dyn Fn(&Upstream, i64) + Send + Sync>;
-
-/// Counts a request against an endpoint for as long as it lives.
+/// Counts a request against an endpoint (and its gauge, once set) for as long as it lives.
 pub struct InFlight {
     pub upstream: Arc<Upstream>,
-    on_change: Option<OnChange>,
 }
 
 impl InFlight {
-    pub fn new(upstream: Arc<Upstream>, on_change: Option<OnChange>) -> Self {
+    pub fn new(upstream: Arc<Upstream>) -> Self {
         upstream.in_flight.fetch_add(1, Relaxed);
-        if let Some(f) = &on_change {
-            f(&upstream, 1);
+        if let Some(gauge) = upstream.gauge.get() {
+            gauge.inc();
         }
-        InFlight {
-            upstream,
-            on_change,
-        }
+        InFlight { upstream }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.upstream.in_flight.fetch_sub(1, Relaxed);
-        if let Some(f) = &self.on_change {
-            f(&self.upstream, -1);
+        if let Some(gauge) = self.upstream.gauge.get() {
+            gauge.dec();
         }
     }
 }
@@ -229,15 +227,15 @@ mod tests {
     fn least_outstanding_follows_the_guards() {
         let c = ups(2);
         let cur = Cursors::default();
-        let g = InFlight::new(c[0].clone(), None);
+        let g = InFlight::new(c[0].clone());
         for _ in 0..3 {
             assert_eq!(
                 pick_url(PickPolicy::LeastOutstanding, &c, &cur, &[]),
                 c[1].endpoint.url
             );
         }
-        let g2 = InFlight::new(c[1].clone(), None);
-        let _g3 = InFlight::new(c[1].clone(), None);
+        let g2 = InFlight::new(c[1].clone());
+        let _g3 = InFlight::new(c[1].clone());
         assert_eq!(
             pick_url(PickPolicy::LeastOutstanding, &c, &cur, &[]),
             c[0].endpoint.url
@@ -308,7 +306,7 @@ mod tests {
                 .collect(),
         };
         let first = Pools::rebuild(&set(&["http://a:1", "http://b:2"]), &Pools::default());
-        let _g = InFlight::new(first.decode[1].clone(), None);
+        let _g = InFlight::new(first.decode[1].clone());
         let second = Pools::rebuild(&set(&["http://b:2", "http://c:3"]), &first);
         assert_eq!(second.decode[0].in_flight.load(Relaxed), 1);
         assert_eq!(second.decode[1].in_flight.load(Relaxed), 0);

@@ -60,10 +60,12 @@ pub fn prefill_body(client: &Map<String, Value>, api: Api) -> Map<String, Value>
 }
 
 /// The decode leg's body: the client's own request plus the prefill's params, verbatim.
-pub fn decode_body(client: &Map<String, Value>, kv_transfer_params: Value) -> Map<String, Value> {
-    let mut body = client.clone();
-    body.insert("kv_transfer_params".into(), kv_transfer_params);
-    body
+pub fn decode_body(
+    mut client: Map<String, Value>,
+    kv_transfer_params: Value,
+) -> Map<String, Value> {
+    client.insert("kv_transfer_params".into(), kv_transfer_params);
+    client
 }
 
 /// What the decode needs from a successful prefill answer.
@@ -188,12 +190,12 @@ mod tests {
         let client =
             map(json!({"prompt": "p", "max_tokens": 100, "min_tokens": 5, "stream": true}));
         let params = json!({"remote_block_ids": [1, 2], "remote_engine_id": "e", "extra": "kept"});
-        let d = decode_body(&client, params.clone());
+        let d = decode_body(client, params.clone());
         assert_eq!(d["max_tokens"], 100);
         assert_eq!(d["min_tokens"], 5);
         assert_eq!(d["stream"], true);
         assert_eq!(d["kv_transfer_params"], params);
-        let bare = decode_body(&map(json!({"prompt": "p"})), Value::Null);
+        let bare = decode_body(map(json!({"prompt": "p"})), Value::Null);
         assert!(!bare.contains_key("max_completion_tokens") && !bare.contains_key("max_tokens"));
         assert!(!bare.contains_key("stream"));
         assert_eq!(bare["kv_transfer_params"], Value::Null);
@@ -209,7 +211,7 @@ mod tests {
         assert_eq!(p["max_output_tokens"], 1);
         assert_eq!(p["stream"], false);
         assert!(!p.contains_key("max_tokens"));
-        let d = decode_body(&client, json!({}));
+        let d = decode_body(client, json!({}));
         assert_eq!(d["max_output_tokens"], 50);
         assert_eq!(d["stream"], true);
     }

@@ -124,21 +124,17 @@ impl Proxy {
     }
 
     /// Counts the request against `upstream` (and its per-endpoint gauge) while alive.
-    pub fn in_flight(self: &Arc<Self>, role: Role, upstream: Arc<Upstream>) -> InFlight {
-        let proxy = Arc::clone(self);
-        InFlight::new(
-            upstream,
-            Some(Box::new(move |u: &Upstream, delta: i64| {
-                proxy
-                    .metrics
-                    .in_flight
-                    .get_or_create(&EndpointLabels {
-                        role: role.as_str(),
-                        endpoint: u.endpoint.id.clone(),
-                    })
-                    .inc_by(delta);
-            })),
-        )
+    pub fn in_flight(&self, role: Role, upstream: Arc<Upstream>) -> InFlight {
+        upstream.gauge.get_or_init(|| {
+            self.metrics
+                .in_flight
+                .get_or_create(&EndpointLabels {
+                    role: role.as_str(),
+                    endpoint: upstream.endpoint.id.clone(),
+                })
+                .clone()
+        });
+        InFlight::new(upstream)
     }
 
     pub fn count(&self, route: &'static str, status: StatusCode, path: PathTaken) {

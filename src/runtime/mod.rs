@@ -11,6 +11,7 @@ use futures_util::stream::BoxStream;
 
 use crate::plan::{Instance, Role};
 
+pub mod container;
 pub mod docker;
 pub mod process;
 
