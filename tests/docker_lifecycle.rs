@@ -105,3 +105,31 @@ fn docker_runtime_lifecycle() {
         &|_| containers(&project).is_empty(),
     );
 }
+
+#[test]
+fn a_missing_image_is_a_clear_error_naming_image_and_policy() {
+    if !docker_ready() {
+        return;
+    }
+    for (policy, want) in [
+        ("never", "forbids pulling it"),
+        // No registry is reachable here: the pull fails, and says which image and policy.
+        (
+            "if-not-present",
+            "pulling image pdctl-missing:none (pull policy `if-not-present`) failed",
+        ),
+    ] {
+        let runtime = format!(
+            "kind = \"docker\"\nimage = \"pdctl-missing:none\"\npull_policy = \"{policy}\""
+        );
+        let d = Deployment::new("miss", &runtime, 1, 1);
+        let out = d.run("up", &[]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("pdctl-missing:none") && err.contains(want),
+            "{err}"
+        );
+        assert!(containers(&d.project).is_empty());
+    }
+}

@@ -102,9 +102,16 @@ impl Reconciler {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
-                Some(ev) = events.next() => {
-                    tracing::info!(instance = %ev.name, action = %ev.action, "runtime event");
-                }
+                ev = events.next() => match ev {
+                    Some(ev) => tracing::info!(instance = %ev.name, action = %ev.action, "runtime event"),
+                    None => {
+                        // The engine restarted or the stream broke: listen again, gently; the
+                        // periodic pass covers the gap.
+                        tracing::debug!("runtime event stream ended; resubscribing");
+                        tokio::time::sleep(RESYNC).await;
+                        events = self.runtime.events(&project);
+                    }
+                },
                 Some(done) = self.done_rx.recv() => self.complete(done),
                 Some(()) = self.wake_rx.recv() => {}
                 Ok(()) = plan.changed() => tracing::info!("plan changed"),
