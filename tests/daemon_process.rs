@@ -131,3 +131,51 @@ fn foreground_up_prints_the_endpoint_and_ctrl_c_takes_everything_down() {
     assert!(pids.iter().all(|p| !proc_alive(p)), "engines stopped");
     assert_eq!(d.run("status", &[]).status.code(), Some(3));
 }
+
+#[test]
+fn a_changed_spec_replaces_only_the_changed_instances() {
+    let d = Deployment::new(
+        "repl",
+        "kind = \"process\"\ncommand = [\"pdctl\", \"sim\"]",
+        1,
+        2,
+    );
+    d.up_detached();
+    let before = d.status();
+    let old = ids(&before);
+    // Kill the daemon, change the decode pool only, start again.
+    let pid = before["pid"].as_u64().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .unwrap()
+        .success());
+    while proc_alive(&pid) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(&d.file).unwrap();
+    let changed = text.replacen("[decode]\n", "[decode]\nargs = [\"--seed\", \"7\"]\n", 1);
+    assert_ne!(text, changed);
+    std::fs::write(&d.file, changed).unwrap();
+    d.up_detached();
+    let after = d.status();
+    let new = ids(&after);
+    assert_eq!(
+        new[0], old[0],
+        "the prefill's spec did not change: adopted, not replaced"
+    );
+    assert_ne!(new[1], old[1]);
+    assert_ne!(new[2], old[2]);
+    assert!(
+        old[1..].iter().all(|p| !proc_alive(p)),
+        "old decodes are gone"
+    );
+    // One at a time: the daemon log shows the two replacements strictly in sequence.
+    let log = d.daemon_log();
+    let first_done = log.find("decode-0: ready").or(log.find("decode-1: ready"));
+    let second_start = log.rfind(": replacing");
+    assert!(
+        matches!((first_done, second_start), (Some(a), Some(b)) if a < b),
+        "{log}"
+    );
+}

@@ -119,7 +119,9 @@ pub fn observe(
             }
             _ => {}
         }
-        if t.health.ready {
+        // The replacement is done once the *new* instance is ready: while the old one drains
+        // it may well still pass its probes.
+        if t.health.ready && t.draining_since.is_none() && t.busy.is_none() {
             t.replacing = false;
         }
     }
@@ -407,6 +409,10 @@ mod tests {
         let t = tr.get_mut(&new[0].name).unwrap();
         t.draining_since = Some(now);
         t.replacing = true;
+        // The old engine still passes its probes while draining: that must not end the
+        // replacement and let the second one start.
+        tr.get_mut(&new[0].name).unwrap().health.ready = true;
+        observe(&mut tr, &seen, now, &Backoff::default());
         assert!(decide(&new, &seen, &tr, now + Duration::from_secs(1), &cfg()).is_empty());
         assert_eq!(
             decide(&new, &seen, &tr, now + cfg().drain, &cfg()),
