@@ -64,6 +64,9 @@ pub struct Reconciler {
     wake_tx: mpsc::UnboundedSender<()>,
     wake_rx: mpsc::UnboundedReceiver<()>,
     desired: Vec<Instance>,
+    /// Operations in flight; awaited on shutdown so that none creates an engine after the
+    /// daemon has listed what to stop.
+    ops: tokio::task::JoinSet<()>,
 }
 
 impl Reconciler {
@@ -81,6 +84,7 @@ impl Reconciler {
             wake_tx,
             wake_rx,
             desired: Vec::new(),
+            ops: tokio::task::JoinSet::new(),
         }
     }
 
@@ -116,6 +120,7 @@ impl Reconciler {
                 Some(()) = self.wake_rx.recv() => {}
                 Ok(()) = plan.changed() => tracing::info!("plan changed"),
             }
+            while self.ops.try_join_next().is_some() {}
             // Drain what else arrived, so one pass handles a burst.
             while let Ok(done) = self.done_rx.try_recv() {
                 self.complete(done);
@@ -124,6 +129,7 @@ impl Reconciler {
         for (_, p) in self.probes.drain() {
             p.cancel.cancel();
         }
+        while self.ops.join_next().await.is_some() {}
     }
 
     fn complete(&mut self, done: Done) {
@@ -255,7 +261,7 @@ impl Reconciler {
             }
             Action::Create(inst) => {
                 self.mark(&inst.name, "creating");
-                tokio::spawn(async move {
+                self.ops.spawn(async move {
                     tracing::info!(instance = %inst.name, "creating");
                     let r = async {
                         rt.ensure_image(&inst, &|_| {}).await?;
@@ -272,7 +278,7 @@ impl Reconciler {
                     t.restarts += 1;
                 }
                 self.mark(&inst.name, if restart { "restarting" } else { "starting" });
-                tokio::spawn(async move {
+                self.ops.spawn(async move {
                     tracing::info!(instance = %inst.name, restart, "starting");
                     let r = rt.start(&inst).await;
                     report(inst.name.clone(), "start", r.map_err(|e| e.to_string()));
@@ -284,7 +290,7 @@ impl Reconciler {
                 t.crashes += 1;
                 t.last_exit = Some(reason.to_string());
                 self.mark(&inst.name, "restarting");
-                tokio::spawn(async move {
+                self.ops.spawn(async move {
                     tracing::warn!(instance = %inst.name, reason, "restarting");
                     let r = async {
                         rt.stop(&inst.name, grace(&inst)).await?;
@@ -296,7 +302,7 @@ impl Reconciler {
             }
             Action::Recreate(inst) => {
                 self.mark(&inst.name, "replacing");
-                tokio::spawn(async move {
+                self.ops.spawn(async move {
                     tracing::info!(instance = %inst.name, hash = %inst.spec_hash, "replacing");
                     let r = async {
                         rt.stop(&inst.name, grace(&inst)).await?;
@@ -316,7 +322,7 @@ impl Reconciler {
                 }
                 // A leftover's grace is not in the plan any more: use the pool default.
                 let grace = Duration::from_secs(30);
-                tokio::spawn(async move {
+                self.ops.spawn(async move {
                     tracing::info!(instance = %name, "stopping and removing");
                     let r = async {
                         rt.stop(&name, grace).await?;
