@@ -39,6 +39,15 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// NIXL-v2 P/D routing proxy over static prefill/decode endpoint sets.
+    Proxy(crate::proxy::cli::ProxyArgs),
+    /// Drop-in for the llm-d routing sidecar (llm-d flag names; `pdctl sidecar --help`).
+    #[command(disable_help_flag = true)]
+    Sidecar {
+        /// llm-d sidecar flags, also Go-style `-flag=value`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// `-f/--file` for every command that works on a deployment.
@@ -90,5 +99,7 @@ pub fn main() -> ExitCode {
         Command::Plan(a) => crate::plan::cli::plan(a),
         Command::Gpus(a) => crate::gpu::cli::run(a),
         Command::Sim { args } => crate::sim::run(&args),
+        Command::Proxy(a) => crate::proxy::cli::run_proxy(a),
+        Command::Sidecar { args } => crate::proxy::cli::run_sidecar(&args),
     }
 }
