@@ -32,19 +32,14 @@ pub enum Command {
     Plan(crate::plan::cli::PlanArgs),
     /// List this host's GPUs (NVML) or the inventory given with --gpus.
     Gpus(crate::gpu::cli::GpusArgs),
+    /// The P/D routing proxy alone, in front of engines started elsewhere.
+    Proxy(crate::proxy::cli::ProxyArgs),
+    /// Drop-in for llm-d's routing sidecar in a Kubernetes decode pod (llm-d's flag names).
+    Sidecar(crate::proxy::cli::SidecarArgs),
     /// Run a simulated vLLM engine (P/D semantics, no GPU); `pdctl sim --help` for its flags.
     #[command(disable_help_flag = true)]
     Sim {
         /// vLLM-style arguments: `[serve] [MODEL] [--flag value]...`
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
-    /// NIXL-v2 P/D routing proxy over static prefill/decode endpoint sets.
-    Proxy(crate::proxy::cli::ProxyArgs),
-    /// Drop-in for the llm-d routing sidecar (llm-d flag names; `pdctl sidecar --help`).
-    #[command(disable_help_flag = true)]
-    Sidecar {
-        /// llm-d sidecar flags, also Go-style `-flag=value`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -92,7 +87,12 @@ pub fn main() -> ExitCode {
         init_logging(LogFormat::Text);
         return crate::sim::run(&argv.collect::<Vec<_>>());
     }
-    let cli = Cli::parse();
+    let mut args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("sidecar") {
+        let rest = crate::proxy::cli::normalize_go_flags(args.split_off(2));
+        args.extend(rest);
+    }
+    let cli = Cli::parse_from(args);
     init_logging(cli.log_format);
     match cli.command {
         Command::Validate(a) => crate::plan::cli::validate(a),
@@ -100,6 +100,6 @@ pub fn main() -> ExitCode {
         Command::Gpus(a) => crate::gpu::cli::run(a),
         Command::Sim { args } => crate::sim::run(&args),
         Command::Proxy(a) => crate::proxy::cli::run_proxy(a),
-        Command::Sidecar { args } => crate::proxy::cli::run_sidecar(&args),
+        Command::Sidecar(a) => crate::proxy::cli::run_sidecar(a),
     }
 }

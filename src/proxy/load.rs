@@ -1,106 +1,99 @@
-//! Background scraper of the engines' `/metrics` for the load-aware policy: queued requests
-//! (`vllm:num_requests_waiting`) and KV cache usage (`vllm:kv_cache_usage_perc`).
+//! Background scraping of the engines' `/metrics` for the load-aware policy. Off the request
+//! path: a pick only reads the numbers stored here.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request};
-use http_body_util::{BodyExt, Full, Limited};
-use tokio::sync::watch;
+use http_body_util::{BodyExt, Full};
 use tokio_util::sync::CancellationToken;
 
-use super::pick::Snapshot;
-use super::server::UpstreamClient;
+use super::pick::Upstream;
+use super::server::Proxy;
 
-/// Sum of `vllm:num_requests_waiting` and max of `vllm:kv_cache_usage_perc` over all label sets
-/// (several engines or data-parallel ranks may share one endpoint).
-pub fn parse_load(text: &str) -> Option<(f64, f64)> {
-    let mut waiting = None::<f64>;
-    let mut kv = None::<f64>;
-    for line in text.lines() {
-        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
-        let name = &line[..name_end];
-        let value = || line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
-        match name {
-            "vllm:num_requests_waiting" => {
-                if let Some(v) = value() {
-                    *waiting.get_or_insert(0.0) += v;
-                }
+const PERIOD: Duration = Duration::from_secs(1);
+
+pub async fn scrape_forever(proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(PERIOD);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let pools = proxy.pools();
+        for upstream in pools.prefill.iter().chain(&pools.decode) {
+            if let Some(page) = fetch(&proxy, upstream).await {
+                store(upstream, &page);
             }
-            "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
-                if let Some(v) = value() {
-                    kv = Some(kv.map_or(v, |k: f64| k.max(v)));
-                }
-            }
-            _ => {}
         }
     }
-    waiting.map(|w| (w, kv.unwrap_or(0.0)))
 }
 
-pub fn spawn(
-    client: UpstreamClient,
-    snapshot: watch::Receiver<Arc<Snapshot>>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
+async fn fetch(proxy: &Proxy, upstream: &Upstream) -> Option<String> {
+    let uri = format!("http://{}/metrics", upstream.authority)
+        .parse()
+        .ok()?;
+    let mut request = Request::new(Full::new(Bytes::new()));
+    *request.method_mut() = Method::GET;
+    *request.uri_mut() = uri;
+    let response = tokio::time::timeout(PERIOD, proxy.client.request(request))
+        .await
+        .ok()?
+        .ok()?;
+    let body = tokio::time::timeout(PERIOD, response.into_body().collect())
+        .await
+        .ok()?
+        .ok()?;
+    String::from_utf8(body.to_bytes().to_vec()).ok()
+}
+
+fn store(upstream: &Upstream, page: &str) {
+    if let Some(waiting) = sample(page, "vllm:num_requests_waiting") {
+        upstream.waiting.store(waiting.max(0.0) as u64, Relaxed);
+    }
+    if let Some(kv) = sample(page, "vllm:kv_cache_usage_perc") {
+        upstream
+            .kv_usage_micros
+            .store((kv.clamp(0.0, 1.0) * 1e6) as u64, Relaxed);
+    }
+}
+
+/// Sums a metric's samples over its label sets (an engine with several model names or ranks).
+pub fn sample(page: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in page.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let metric = series.split('{').next().unwrap_or(series);
+        if metric == name {
+            if let Ok(v) = value.parse::<f64>() {
+                *found.get_or_insert(0.0) += v;
             }
-            let snap = snapshot.borrow().clone();
-            let backends = snap.prefill.backends.iter().chain(&snap.decode.backends);
-            let scrapes = backends.map(|b| {
-                let client = client.clone();
-                let b = b.clone();
-                async move {
-                    let uri = b.uri(&http::uri::PathAndQuery::from_static("/metrics"));
-                    let req = Request::builder()
-                        .method(Method::GET)
-                        .uri(uri)
-                        .body(Full::new(Bytes::new()))
-                        .expect("valid request");
-                    let fetch = async {
-                        let resp = client.request(req).await.ok()?;
-                        let body = Limited::new(resp.into_body(), 4 << 20)
-                            .collect()
-                            .await
-                            .ok()?;
-                        let text = String::from_utf8(body.to_bytes().to_vec()).ok()?;
-                        parse_load(&text)
-                    };
-                    match tokio::time::timeout(every, fetch).await {
-                        Ok(Some((w, kv))) => b.set_load(w, kv),
-                        _ => tracing::debug!(endpoint = %b.id, "no load figures from /metrics"),
-                    }
-                }
-            });
-            futures_util::future::join_all(scrapes).await;
         }
-    });
+    }
+    found
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::Endpoint;
 
     #[test]
-    fn parses_vllm_metrics() {
-        let text = "# HELP vllm:num_requests_waiting x\n# TYPE vllm:num_requests_waiting gauge\n\
-            vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 3.0\n\
-            vllm:num_requests_waiting{engine=\"1\",model_name=\"m\"} 2\n\
-            vllm:num_requests_waiting_other 100\n\
-            vllm:kv_cache_usage_perc{engine=\"0\"} 0.25\nvllm:kv_cache_usage_perc{engine=\"1\"} 0.5\n";
-        assert_eq!(parse_load(text), Some((5.0, 0.5)));
-        assert_eq!(
-            parse_load("vllm:num_requests_waiting 1\n"),
-            Some((1.0, 0.0))
-        );
-        assert_eq!(parse_load("nothing here"), None);
+    fn reads_vllm_load_gauges() {
+        let page = "# HELP x\nvllm:num_requests_waiting{model_name=\"m\"} 3\n\
+                    vllm:num_requests_waiting{model_name=\"n\"} 1\n\
+                    vllm:kv_cache_usage_perc{model_name=\"m\"} 0.25\n";
+        let u = Upstream::new(Endpoint {
+            id: "e".into(),
+            url: "http://127.0.0.1:1".into(),
+        });
+        store(&u, page);
+        assert_eq!(u.waiting.load(Relaxed), 4);
+        assert_eq!(u.kv_usage_micros.load(Relaxed), 250_000);
+        assert_eq!(sample(page, "vllm:absent"), None);
     }
 }

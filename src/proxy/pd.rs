@@ -1,298 +1,498 @@
-//! The pure part of the nixlv2 protocol (protocol.md Part 1 and Part 2 §5): prefill and decode
-//! bodies, prefill-response parsing, usage rewriting and prompt estimates. No I/O here.
-//!
-//! Bodies are serialized as a *patched view* of the client's object: the client's keys in their
-//! order, with a few top-level keys replaced, removed or appended. Nothing is cloned, unknown
-//! fields pass through untouched, and absent keys stay absent on the decode leg for free because
-//! the decode body is the original object plus `kv_transfer_params`.
+//! The NIXL-v2 exchange: prefill first (one token, `kv_transfer_params` asked for), then decode
+//! with the prefill's params verbatim, streamed back. Failure policy and retries live here.
 
-use std::hash::{Hash, Hasher};
-use std::sync::OnceLock;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use serde::ser::{Serialize, SerializeMap, Serializer};
-use serde::Deserialize;
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use http_body_util::BodyExt;
 use serde_json::{Map, Value};
 
-/// The request shapes routed through prefill then decode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Api {
-    Completions,
-    Chat,
-    Responses,
-}
+use crate::plan::Role;
+use crate::spec::proxy::{PickPolicy, PrefillFailurePolicy};
 
-impl Api {
-    pub fn from_path(path: &str) -> Option<Api> {
-        match path {
-            "/v1/completions" => Some(Api::Completions),
-            "/v1/chat/completions" => Some(Api::Chat),
-            "/v1/responses" => Some(Api::Responses),
-            _ => None,
-        }
-    }
+use super::endpoints::Endpoint;
+use super::metrics::PathTaken;
+use super::pick::Upstream;
+use super::relay::Rewrite;
+use super::rewrite::{
+    decode_body, estimate_prompt_tokens, prefill_body, prefix_key, read_prefill, Api, PrefillResult,
+};
+use super::server::{client_request_id, error, relay, respond, Body, Mode, Proxy};
+use super::sse::SseUsageRewriter;
+use super::upstream::{self, Failure, PREFILLER_HEADER};
 
-    pub fn label(self) -> &'static str {
-        match self {
-            Api::Completions => "completions",
-            Api::Chat => "chat",
-            Api::Responses => "responses",
-        }
-    }
-}
+/// Response header naming the path a request took: `pd`, `decode_only` or `fallback`.
+pub const PATH_HEADER: &str = "x-pdctl-path";
+/// Characters of the prompt that identify its prefix for decode affinity (≈ 4 blocks of 16).
+const PREFIX_CHARS: usize = 256;
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// `Some(v)` replaces or appends the key, `None` removes it.
-type Patch<'a> = (&'static str, Option<&'a Value>);
-
-struct Patched<'a> {
-    base: &'a Map<String, Value>,
-    patch: &'a [Patch<'a>],
-}
-
-impl Serialize for Patched<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(None)?;
-        for (k, v) in self.base {
-            match self.patch.iter().find(|(pk, _)| *pk == k) {
-                Some((_, Some(pv))) => m.serialize_entry(k, pv)?,
-                Some((_, None)) => {}
-                None => m.serialize_entry(k, v)?,
-            }
-        }
-        for (pk, pv) in self.patch {
-            if let Some(pv) = pv {
-                if !self.base.contains_key(*pk) {
-                    m.serialize_entry(pk, pv)?;
-                }
-            }
-        }
-        m.end()
-    }
-}
-
-fn write(base: &Map<String, Value>, patch: &[Patch<'_>], size_hint: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(size_hint + 256);
-    // A map of plain JSON values into a Vec cannot fail to serialize.
-    serde_json::to_writer(&mut out, &Patched { base, patch }).expect("JSON to memory");
-    out
-}
-
-/// The fixed `kv_transfer_params` of a prefill request: explicit nulls, as vLLM and llm-d's
-/// mocks require the keys to be present.
-fn prefill_kv_params() -> &'static Value {
-    static KV: OnceLock<Value> = OnceLock::new();
-    KV.get_or_init(|| {
-        serde_json::json!({
-            "do_remote_decode": true,
-            "do_remote_prefill": false,
-            "remote_engine_id": null,
-            "remote_block_ids": null,
-            "remote_host": null,
-            "remote_port": null,
-        })
-    })
-}
-
-/// The prefill leg's body: `stream:false`, no `stream_options`, every token limit 1, and (beyond
-/// llm-d) `ignore_eos:true` without `stop`/`stop_token_ids`, so that a one-token prefill that
-/// hits EOS still returns `kv_transfer_params` instead of making decode recompute silently.
-pub fn prefill_body(api: Api, req: &Map<String, Value>, size_hint: usize) -> Vec<u8> {
-    let one = Value::from(1u8);
-    let no = Value::Bool(false);
-    let yes = Value::Bool(true);
-    let kv = prefill_kv_params();
+fn route_name(api: Api) -> &'static str {
     match api {
-        Api::Completions | Api::Chat => write(
-            req,
-            &[
-                ("kv_transfer_params", Some(kv)),
-                ("stream", Some(&no)),
-                ("stream_options", None),
-                ("max_tokens", Some(&one)),
-                ("max_completion_tokens", Some(&one)),
-                ("min_tokens", Some(&one)),
-                ("ignore_eos", Some(&yes)),
-                ("stop", None),
-                ("stop_token_ids", None),
-            ],
-            size_hint,
-        ),
-        Api::Responses => write(
-            req,
-            &[
-                ("kv_transfer_params", Some(kv)),
-                ("stream", Some(&no)),
-                ("stream_options", None),
-                ("max_output_tokens", Some(&one)),
-            ],
-            size_hint,
-        ),
+        Api::Completions => "completions",
+        Api::Chat => "chat_completions",
+        Api::Responses => "responses",
     }
 }
 
-/// The decode leg's body: the client's object with the prefill's `kv_transfer_params` verbatim
-/// (JSON `null` when the prefill returned none: vLLM then prefills locally).
-pub fn decode_body(req: &Map<String, Value>, kv: &Value, size_hint: usize) -> Vec<u8> {
-    write(req, &[("kv_transfer_params", Some(kv))], size_hint)
-}
-
-/// What the decode leg needs from a prefill response.
-#[derive(Debug, PartialEq)]
-pub struct PrefillResult {
-    pub kv_transfer_params: Value,
-    /// `usage.prompt_tokens_details.cached_tokens`; `None` when the prefill reported none.
+pub struct DecodeLeg {
+    pub route: &'static str,
+    pub path: PathTaken,
+    /// The prefill's cached-token count to show the client instead of the decode's.
     pub cached_tokens: Option<u64>,
+    pub prefix: Option<u64>,
+    pub start: Instant,
 }
 
-#[derive(Deserialize)]
-struct PrefillWire {
-    #[serde(default)]
-    kv_transfer_params: Value,
-    #[serde(default)]
-    usage: Option<UsageWire>,
+enum Choice {
+    Prefill(Arc<Upstream>),
+    DecodeOnly,
+    Refuse(Response<Body>),
 }
 
-#[derive(Deserialize)]
-struct UsageWire {
-    #[serde(default)]
-    prompt_tokens_details: Option<DetailsWire>,
+enum Prefilled {
+    Ok(PrefillResult),
+    Fallback,
+    Respond(Response<Body>),
 }
 
-#[derive(Deserialize)]
-struct DetailsWire {
-    #[serde(default)]
-    cached_tokens: Option<u64>,
-}
-
-/// Parses a prefill response; `choices`, `id` and every other field are skipped unread.
-pub fn parse_prefill(body: &[u8]) -> Result<PrefillResult, serde_json::Error> {
-    let w: PrefillWire = serde_json::from_slice(body)?;
-    let cached_tokens = w
-        .usage
-        .and_then(|u| u.prompt_tokens_details)
-        .and_then(|d| d.cached_tokens);
-    Ok(PrefillResult {
-        kv_transfer_params: w.kv_transfer_params,
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    parts: Parts,
+    body: Bytes,
+    api: Api,
+    start: Instant,
+) -> Response<Body> {
+    let route = route_name(api);
+    let client = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(map)) => map,
+        _ => {
+            proxy.count(route, StatusCode::BAD_REQUEST, PathTaken::Local);
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the request body is not a JSON object",
+            );
+        }
+    };
+    let request_id = client_request_id(&parts.headers).unwrap_or_else(|| proxy.request_id());
+    let prefix = (proxy.cfg.section.decode_policy == PickPolicy::PrefixAffinity)
+        .then(|| prefix_key(&client, api, PREFIX_CHARS))
+        .flatten();
+    let leg = |path, cached_tokens| DecodeLeg {
+        route,
+        path,
         cached_tokens,
+        prefix,
+        start,
+    };
+    let first = match choose_prefill(&proxy, &parts.headers, &client, api) {
+        Choice::Prefill(target) => target,
+        Choice::DecodeOnly => {
+            return to_decode(
+                proxy,
+                &parts,
+                body,
+                &request_id,
+                leg(PathTaken::DecodeOnly, None),
+            )
+            .await
+        }
+        Choice::Refuse(response) => {
+            proxy.count(route, response.status(), PathTaken::Local);
+            return response;
+        }
+    };
+    let prefill = Bytes::from(serde_json::to_vec(&prefill_body(&client, api)).expect("JSON map"));
+    match run_prefill(&proxy, &parts, prefill, &request_id, first, route).await {
+        Prefilled::Ok(result) => {
+            if result.kv_transfer_params.is_null() {
+                tracing::warn!(%request_id, "prefill returned no kv_transfer_params; the decode will recompute the prompt");
+            }
+            let decode = decode_body(&client, result.kv_transfer_params);
+            let decode = Bytes::from(serde_json::to_vec(&decode).expect("JSON map"));
+            let cached = Some(result.cached_tokens);
+            to_decode(
+                proxy,
+                &parts,
+                decode,
+                &request_id,
+                leg(PathTaken::Pd, cached),
+            )
+            .await
+        }
+        Prefilled::Fallback => {
+            proxy.metrics.fallbacks.inc();
+            tracing::warn!(%request_id, "prefill leg failed; serving decode-only (fallback policy)");
+            to_decode(
+                proxy,
+                &parts,
+                body,
+                &request_id,
+                leg(PathTaken::Fallback, None),
+            )
+            .await
+        }
+        Prefilled::Respond(mut response) => {
+            proxy.count(route, response.status(), PathTaken::Pd);
+            mark(response.headers_mut(), &request_id, PathTaken::Pd);
+            response
+        }
+    }
+}
+
+fn choose_prefill(
+    proxy: &Proxy,
+    headers: &HeaderMap,
+    client: &Map<String, Value>,
+    api: Api,
+) -> Choice {
+    let threshold = u64::from(proxy.cfg.section.pd_threshold_tokens);
+    if threshold > 0 && estimate_prompt_tokens(client, api) < threshold {
+        return Choice::DecodeOnly;
+    }
+    let requested = header_target(headers);
+    match &proxy.cfg.mode {
+        Mode::Pools => {
+            // A client may only name a prefill pdctl already routes to; anything else is ignored.
+            if let Some(target) = requested {
+                let pools = proxy.pools();
+                if let Some(known) = pools.prefill.iter().find(|u| u.authority == target) {
+                    return Choice::Prefill(known.clone());
+                }
+                tracing::debug!(%target, "ignoring x-prefiller-host-port that names no known prefill");
+            }
+            match proxy.pick(Role::Prefill, &[], None) {
+                Some(target) => Choice::Prefill(target),
+                None if proxy.cfg.section.prefill_failure == PrefillFailurePolicy::Fallback => {
+                    proxy.metrics.fallbacks.inc();
+                    Choice::DecodeOnly
+                }
+                None => Choice::Refuse(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no ready prefill endpoint",
+                )),
+            }
+        }
+        Mode::Sidecar { ssrf } => {
+            let Some(target) = requested else {
+                return Choice::DecodeOnly;
+            };
+            if let Some(allow) = ssrf {
+                if !allow.allows(&target) {
+                    tracing::warn!(%target, "prefill target refused by SSRF protection");
+                    return Choice::Refuse(respond(
+                        StatusCode::FORBIDDEN,
+                        "text/plain; charset=utf-8",
+                        Bytes::from_static(
+                            b"Forbidden: prefill target not allowed by SSRF protection",
+                        ),
+                    ));
+                }
+            }
+            Choice::Prefill(Arc::new(Upstream::new(Endpoint {
+                id: target.clone(),
+                url: format!("http://{target}"),
+            })))
+        }
+    }
+}
+
+/// llm-d's rules: one header line is split on commas, several lines are one candidate each; the
+/// first non-empty candidate wins; a leading `http://` is accepted.
+fn header_target(headers: &HeaderMap) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all(PREFILLER_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let candidates: Vec<&str> = match values.as_slice() {
+        [one] => one.split(',').collect(),
+        many => many.to_vec(),
+    };
+    candidates
+        .into_iter()
+        .map(|c| c.trim().trim_start_matches("http://").trim_end_matches('/'))
+        .find(|c| !c.is_empty())
+        .map(str::to_string)
+}
+
+enum LastFailure {
+    Transport(Failure),
+    Status(StatusCode, HeaderMap, Bytes),
+}
+
+fn retryable(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504)
+}
+
+async fn run_prefill(
+    proxy: &Arc<Proxy>,
+    parts: &Parts,
+    body: Bytes,
+    request_id: &str,
+    first: Arc<Upstream>,
+    route: &'static str,
+) -> Prefilled {
+    let section = &proxy.cfg.section;
+    let policy = section.prefill_failure;
+    let attempts = match policy {
+        PrefillFailurePolicy::Fail => 1,
+        _ => 1 + section.prefill_max_retries,
+    };
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut tried: Vec<String> = Vec::new();
+    let mut target = first;
+    let mut last = LastFailure::Transport(Failure::Connect);
+    for attempt in 0..attempts {
+        if attempt > 0 {
+            proxy.metrics.retries.inc();
+            let backoff = section
+                .prefill_retry_backoff
+                .saturating_mul(1 << (attempt - 1).min(16))
+                .min(MAX_BACKOFF);
+            tokio::time::sleep(backoff).await;
+            if matches!(proxy.cfg.mode, Mode::Pools) {
+                let exclude: Vec<&str> = tried.iter().map(String::as_str).collect();
+                if let Some(other) = proxy.pick(Role::Prefill, &exclude, None) {
+                    target = other;
+                }
+            }
+        }
+        tried.push(target.endpoint.url.clone());
+        let _in_flight = proxy.in_flight(Role::Prefill, target.clone());
+        let started = Instant::now();
+        let request = upstream::build(
+            parts.method.clone(),
+            &target.authority,
+            path_and_query,
+            &parts.headers,
+            request_id,
+            body.clone(),
+        );
+        let exchange = async {
+            let response = upstream::send(&proxy.client, request, section.prefill_timeout).await?;
+            let (head, body) = response.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|_| Failure::Transport)?
+                .to_bytes();
+            Ok::<_, Failure>((head.status, head.headers, bytes))
+        };
+        let outcome = tokio::time::timeout(section.prefill_timeout, exchange)
+            .await
+            .unwrap_or(Err(Failure::Timeout));
+        proxy
+            .metrics
+            .prefill_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Err(failure) => {
+                proxy.metrics.error("prefill", failure.kind());
+                tracing::warn!(target = %target.endpoint.url, kind = failure.kind(), attempt, "prefill leg failed");
+                last = LastFailure::Transport(failure);
+            }
+            Ok((status, _, bytes)) if status.is_success() => {
+                return match serde_json::from_slice::<Value>(&bytes) {
+                    Ok(answer) => Prefilled::Ok(read_prefill(&answer)),
+                    Err(_) => {
+                        proxy.metrics.error("prefill", "bad_response");
+                        Prefilled::Respond(error(
+                            StatusCode::BAD_REQUEST,
+                            "the prefill engine answered with a body that is not JSON",
+                        ))
+                    }
+                };
+            }
+            Ok((status, headers, bytes)) => {
+                proxy.metrics.error("prefill", "status");
+                tracing::warn!(target = %target.endpoint.url, %status, attempt, route, "prefill leg answered an error");
+                if !retryable(status) {
+                    if policy == PrefillFailurePolicy::Fallback && status.is_server_error() {
+                        return Prefilled::Fallback;
+                    }
+                    return Prefilled::Respond(pass_on(status, &headers, bytes));
+                }
+                last = LastFailure::Status(status, headers, bytes);
+            }
+        }
+    }
+    if policy == PrefillFailurePolicy::Fallback {
+        return Prefilled::Fallback;
+    }
+    Prefilled::Respond(match last {
+        LastFailure::Status(status, headers, bytes) => pass_on(status, &headers, bytes),
+        LastFailure::Transport(Failure::Timeout) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!(
+                "the prefill leg timed out after {:?}",
+                section.prefill_timeout
+            ),
+        ),
+        LastFailure::Transport(kind) => error(
+            StatusCode::BAD_GATEWAY,
+            &format!("the prefill engine could not be reached ({})", kind.kind()),
+        ),
     })
 }
 
-/// Sets `usage.prompt_tokens_details.cached_tokens`, creating the details object if needed.
-/// Returns false when `usage` is not an object (absent or null): nothing to rewrite.
-pub fn set_cached_tokens(doc: &mut Value, cached: u64) -> bool {
-    let Some(Value::Object(usage)) = doc.get_mut("usage") else {
-        return false;
-    };
-    let details = usage
-        .entry("prompt_tokens_details")
-        .or_insert_with(|| Value::Object(Map::new()));
-    if !details.is_object() {
-        *details = Value::Object(Map::new());
+/// An engine's own error answer, relayed to the client as it was.
+fn pass_on(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Response<Body> {
+    let content_type = headers.get(header::CONTENT_TYPE).cloned();
+    let mut response = respond(status, "application/json", body);
+    if let Some(ct) = content_type {
+        response.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
-    if let Value::Object(d) = details {
-        d.insert("cached_tokens".into(), Value::from(cached));
-    }
-    true
+    response
 }
 
-/// Rewrites the usage of a whole JSON response; `None` when it is not JSON or has no usage.
-pub fn rewrite_usage_json(body: &[u8], cached: u64) -> Option<Vec<u8>> {
-    let mut doc: Value = serde_json::from_slice(body).ok()?;
-    if !set_cached_tokens(&mut doc, cached) {
-        return None;
+fn mark(headers: &mut HeaderMap, request_id: &str, path: PathTaken) {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert("x-request-id", v);
     }
-    serde_json::to_vec(&doc).ok()
+    headers.insert(PATH_HEADER, HeaderValue::from_static(path.as_str()));
 }
 
-/// Visits the prompt text the way the simulator and llm-d's scheduler count it.
-fn for_each_prompt_piece(api: Api, req: &Map<String, Value>, f: &mut dyn FnMut(&str) -> bool) {
-    fn content(v: &Value, f: &mut dyn FnMut(&str) -> bool) -> bool {
-        match v {
-            Value::String(s) => f(s),
-            Value::Array(parts) => parts.iter().all(|p| match p {
-                Value::String(s) => f(s),
-                Value::Object(o) => o.get("text").and_then(Value::as_str).is_none_or(&mut *f),
-                _ => true,
-            }),
-            _ => true,
-        }
-    }
-    match api {
-        Api::Completions => {
-            if let Some(p) = req.get("prompt") {
-                content(p, f);
+/// Sends `body` to a ready decode and relays its answer. A decode that cannot be connected to
+/// is replaced by another ready one: nothing has reached the client yet.
+pub async fn to_decode(
+    proxy: Arc<Proxy>,
+    parts: &Parts,
+    body: Bytes,
+    request_id: &str,
+    leg: DecodeLeg,
+) -> Response<Body> {
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let timeout = proxy.cfg.section.decode_first_byte_timeout;
+    let mut tried: Vec<String> = Vec::new();
+    loop {
+        let exclude: Vec<&str> = tried.iter().map(String::as_str).collect();
+        let Some(target) = proxy.pick(Role::Decode, &exclude, leg.prefix) else {
+            let message = if tried.is_empty() {
+                "no ready decode endpoint"
+            } else {
+                "The decode node is not ready. Please check that the vLLM service is running and the port configuration is correct."
+            };
+            proxy.count(leg.route, StatusCode::SERVICE_UNAVAILABLE, leg.path);
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, message);
+            mark(response.headers_mut(), request_id, leg.path);
+            return response;
+        };
+        tried.push(target.endpoint.url.clone());
+        let in_flight = proxy.in_flight(Role::Decode, target.clone());
+        let request = upstream::build(
+            parts.method.clone(),
+            &target.authority,
+            path_and_query,
+            &parts.headers,
+            request_id,
+            body.clone(),
+        );
+        match upstream::send(&proxy.client, request, timeout).await {
+            Ok(answer) => {
+                proxy
+                    .metrics
+                    .first_byte_seconds
+                    .observe(leg.start.elapsed().as_secs_f64());
+                let status = answer.status();
+                proxy.count(leg.route, status, leg.path);
+                let rewrite = match leg.cached_tokens {
+                    Some(cached) if status.is_success() => rewrite_for(answer.headers(), cached),
+                    _ => Rewrite::None,
+                };
+                let mut response = relay(&proxy, answer, rewrite, leg.start, vec![in_flight]);
+                mark(response.headers_mut(), request_id, leg.path);
+                return response;
+            }
+            Err(Failure::Connect) => {
+                proxy.metrics.error("decode", "connect");
+                tracing::warn!(target = %target.endpoint.url, "decode unreachable; trying another");
+                proxy.metrics.retries.inc();
+            }
+            Err(failure) => {
+                proxy.metrics.error("decode", failure.kind());
+                let (status, message) = match failure {
+                    Failure::Timeout => (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("the decode engine sent nothing within {timeout:?}"),
+                    ),
+                    _ => (
+                        StatusCode::BAD_GATEWAY,
+                        "the decode engine failed before answering".to_string(),
+                    ),
+                };
+                proxy.count(leg.route, status, leg.path);
+                let mut response = error(status, &message);
+                mark(response.headers_mut(), request_id, leg.path);
+                return response;
             }
         }
-        Api::Chat => {
-            for m in req
-                .get("messages")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let role = m.get("role").and_then(Value::as_str).unwrap_or("");
-                if !f(role) || !f(": ") {
-                    return;
-                }
-                if let Some(c) = m.get("content") {
-                    if !content(c, f) {
-                        return;
-                    }
-                }
-                if !f("\n") {
-                    return;
-                }
-            }
-        }
-        Api::Responses => match req.get("input") {
-            Some(Value::Array(items)) => {
-                for it in items {
-                    let c = it.get("content").unwrap_or(it);
-                    if !content(c, f) {
-                        return;
-                    }
-                }
-            }
-            Some(v) => {
-                content(v, f);
-            }
-            None => {}
-        },
     }
 }
 
-/// Estimated prompt tokens: characters / 4 (token-id prompts count one per id).
-pub fn estimate_prompt_tokens(api: Api, req: &Map<String, Value>) -> u64 {
-    let mut chars = 0u64;
-    for_each_prompt_piece(api, req, &mut |s| {
-        chars += s.chars().count() as u64;
-        true
-    });
-    let mut ids = 0u64;
-    if api == Api::Completions {
-        if let Some(Value::Array(p)) = req.get("prompt") {
-            ids = p.iter().filter(|v| v.is_number()).count() as u64;
+fn rewrite_for(headers: &HeaderMap, cached_tokens: u64) -> Rewrite {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type.starts_with("text/event-stream") {
+        Rewrite::Sse(SseUsageRewriter::new(cached_tokens))
+    } else if content_type.starts_with("application/json") {
+        Rewrite::Json {
+            cached_tokens,
+            buf: bytes::BytesMut::new(),
         }
+    } else {
+        Rewrite::None
     }
-    chars / 4 + ids
-}
-
-/// Characters of prompt prefix hashed for decode prefix affinity: four 16-token blocks.
-pub const AFFINITY_PREFIX_CHARS: usize = 256;
-
-/// A stable hash of the prompt's first [`AFFINITY_PREFIX_CHARS`] bytes, so that requests
-/// sharing a prefix land on the decode engine that has it cached.
-pub fn prompt_prefix_hash(api: Api, req: &Map<String, Value>) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    let mut left = AFFINITY_PREFIX_CHARS;
-    for_each_prompt_piece(api, req, &mut |s| {
-        let b = s.as_bytes();
-        let n = b.len().min(left);
-        b[..n].hash(&mut h);
-        left -= n;
-        left > 0
-    });
-    h.finish()
 }
 
 #[cfg(test)]
-mod tests;
+mod tests {
+    use super::*;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(PREFILLER_HEADER, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn header_parsing_follows_llm_d() {
+        assert_eq!(header_target(&headers(&[])), None);
+        assert_eq!(header_target(&headers(&["a:1"])).as_deref(), Some("a:1"));
+        assert_eq!(
+            header_target(&headers(&["a:1,b:2"])).as_deref(),
+            Some("a:1")
+        );
+        assert_eq!(
+            header_target(&headers(&[" a:1 , b:2"])).as_deref(),
+            Some("a:1")
+        );
+        assert_eq!(
+            header_target(&headers(&["a:1", "b:2"])).as_deref(),
+            Some("a:1")
+        );
+        assert_eq!(
+            header_target(&headers(&["http://a:1"])).as_deref(),
+            Some("a:1")
+        );
+        assert_eq!(header_target(&headers(&[""])), None);
+        assert_eq!(header_target(&headers(&["", ""])), None);
+    }
+
+    #[test]
+    fn only_gateway_errors_are_retried() {
+        for s in [502, 503, 504] {
+            assert!(retryable(StatusCode::from_u16(s).unwrap()));
+        }
+        for s in [400, 404, 500, 501] {
+            assert!(!retryable(StatusCode::from_u16(s).unwrap()));
+        }
+    }
+}

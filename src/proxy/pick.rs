@@ -1,234 +1,183 @@
-//! Choosing an endpoint: round-robin, least-outstanding, load-aware and prefix affinity, over a
-//! snapshot of the ready endpoints. In-flight counts are held by RAII guards, so a request that
-//! is cancelled anywhere (client gone, timeout) gives its slot back.
+//! Endpoint picking. Each endpoint carries live counters (in-flight requests, scraped load); a
+//! pick is a pure function of those numbers and the policy, so it is unit-testable.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::Uri;
-use prometheus_client::metrics::gauge::Gauge;
-
-use super::endpoints::{Endpoint, EndpointSet};
-use super::metrics::{EndpointLabels, Metrics};
+use crate::plan::Role;
 use crate::spec::proxy::PickPolicy;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Prefill,
-    Decode,
-}
+use super::endpoints::{Endpoint, EndpointSet};
+use super::rewrite::fnv1a;
 
-impl Role {
-    pub fn label(self) -> &'static str {
-        match self {
-            Role::Prefill => "prefill",
-            Role::Decode => "decode",
-        }
-    }
-}
-
-/// One upstream engine with its live counters.
 #[derive(Debug)]
-pub struct Backend {
-    pub id: String,
-    pub url: String,
-    scheme: Scheme,
-    pub authority: Authority,
-    /// Path prefix of the base URL without the trailing slash (usually empty).
-    prefix: String,
-    inflight: AtomicUsize,
-    gauge: Gauge,
-    /// f64 bits, written by the load scraper.
-    waiting: AtomicU64,
-    kv_usage: AtomicU64,
+pub struct Upstream {
+    pub endpoint: Endpoint,
+    /// `host:port` of the URL, for matching `x-prefiller-host-port` and building URIs.
+    pub authority: String,
+    pub in_flight: AtomicUsize,
+    /// `vllm:num_requests_waiting`, scraped.
+    pub waiting: AtomicU64,
+    /// `vllm:kv_cache_usage_perc` × 10⁶, scraped.
+    pub kv_usage_micros: AtomicU64,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("endpoint URL {url:?} is not an absolute http:// URL")]
-pub struct BadUrl {
-    pub url: String,
-}
-
-impl Backend {
-    pub fn new(ep: &Endpoint, gauge: Gauge) -> Result<Backend, BadUrl> {
-        let bad = || BadUrl {
-            url: ep.url.clone(),
-        };
-        let uri: Uri = ep.url.parse().map_err(|_| bad())?;
-        let scheme = uri.scheme().cloned().ok_or_else(bad)?;
-        if scheme != Scheme::HTTP {
-            return Err(bad());
-        }
-        let authority = uri.authority().cloned().ok_or_else(bad)?;
-        Ok(Backend {
-            id: ep.id.clone(),
-            url: ep.url.clone(),
-            scheme,
+impl Upstream {
+    pub fn new(endpoint: Endpoint) -> Self {
+        let authority = authority_of(&endpoint.url);
+        Upstream {
+            endpoint,
             authority,
-            prefix: uri.path().trim_end_matches('/').to_string(),
-            inflight: AtomicUsize::new(0),
-            gauge,
-            waiting: AtomicU64::new(0f64.to_bits()),
-            kv_usage: AtomicU64::new(0f64.to_bits()),
-        })
+            in_flight: AtomicUsize::new(0),
+            waiting: AtomicU64::new(0),
+            kv_usage_micros: AtomicU64::new(0),
+        }
     }
 
-    /// The upstream URI for a client's path and query.
-    pub fn uri(&self, pq: &PathAndQuery) -> Uri {
-        let pq = if self.prefix.is_empty() {
-            pq.clone()
-        } else {
-            let joined = format!("{}{}", self.prefix, pq.as_str());
-            joined.parse().unwrap_or_else(|_| pq.clone())
-        };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .expect("scheme, authority and path are valid")
-    }
-
-    pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
-    }
-
-    pub fn set_load(&self, waiting: f64, kv_usage: f64) {
-        self.waiting.store(waiting.to_bits(), Ordering::Relaxed);
-        self.kv_usage.store(kv_usage.to_bits(), Ordering::Relaxed);
-    }
-
-    fn load_score(&self) -> f64 {
-        let waiting = f64::from_bits(self.waiting.load(Ordering::Relaxed));
-        let kv = f64::from_bits(self.kv_usage.load(Ordering::Relaxed));
-        // Queued requests dominate; KV usage (0..1) breaks ties between equally queued engines.
-        waiting + self.inflight() as f64 + kv
+    fn load_score(&self) -> u64 {
+        // Waiting requests dominate; KV pressure and our own in-flight count break ties.
+        self.waiting.load(Relaxed) * 1_000_000
+            + self.kv_usage_micros.load(Relaxed)
+            + self.in_flight.load(Relaxed) as u64 * 1_000
     }
 }
 
-/// Counts one in-flight request on a backend until dropped.
-#[derive(Debug)]
-pub struct InFlight(Arc<Backend>);
+/// `http://127.0.0.1:8100/` → `127.0.0.1:8100` (default port 80 when absent).
+pub fn authority_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host_port = rest.split('/').next().unwrap_or(rest);
+    let has_port = match host_port.rfind(']') {
+        Some(bracket) => host_port[bracket..].contains(':'),
+        None => host_port.contains(':'),
+    };
+    if has_port {
+        host_port.to_string()
+    } else {
+        format!("{host_port}:80")
+    }
+}
+
+/// The ready endpoints of both roles, rebuilt when the set changes; counters survive a rebuild
+/// for endpoints that stay.
+#[derive(Debug, Default)]
+pub struct Pools {
+    pub prefill: Vec<Arc<Upstream>>,
+    pub decode: Vec<Arc<Upstream>>,
+}
+
+impl Pools {
+    pub fn rebuild(set: &EndpointSet, previous: &Pools) -> Pools {
+        let mut known: HashMap<&str, &Arc<Upstream>> = HashMap::new();
+        for u in previous.prefill.iter().chain(&previous.decode) {
+            known.insert(u.endpoint.url.as_str(), u);
+        }
+        let build = |eps: &[Endpoint]| -> Vec<Arc<Upstream>> {
+            eps.iter()
+                .map(|e| match known.get(e.url.as_str()) {
+                    Some(u) if u.endpoint == *e => Arc::clone(u),
+                    _ => Arc::new(Upstream::new(e.clone())),
+                })
+                .collect()
+        };
+        Pools {
+            prefill: build(&set.prefill),
+            decode: build(&set.decode),
+        }
+    }
+
+    pub fn of(&self, role: Role) -> &[Arc<Upstream>] {
+        match role {
+            Role::Prefill => &self.prefill,
+            Role::Decode => &self.decode,
+        }
+    }
+}
+
+/// Round-robin cursors, one per role (shared across rebuilds).
+#[derive(Debug, Default)]
+pub struct Cursors {
+    prefill: AtomicUsize,
+    decode: AtomicUsize,
+}
+
+impl Cursors {
+    fn next(&self, role: Role) -> usize {
+        match role {
+            Role::Prefill => self.prefill.fetch_add(1, Relaxed),
+            Role::Decode => self.decode.fetch_add(1, Relaxed),
+        }
+    }
+}
+
+/// Picks an endpoint of `candidates` not in `exclude`. `prefix` feeds prefix affinity (a request
+/// without one falls back to least-outstanding).
+pub fn pick(
+    policy: PickPolicy,
+    role: Role,
+    candidates: &[Arc<Upstream>],
+    exclude: &[&str],
+    cursors: &Cursors,
+    prefix: Option<u64>,
+) -> Option<Arc<Upstream>> {
+    let eligible = |u: &&Arc<Upstream>| !exclude.contains(&u.endpoint.url.as_str());
+    let n = candidates.len();
+    if n == 0 {
+        return None;
+    }
+    let start = cursors.next(role) % n;
+    // Rotated so that ties go round-robin instead of always to the first endpoint.
+    let mut rotated = candidates[start..].iter().chain(&candidates[..start]);
+    let chosen = match (policy, prefix) {
+        (PickPolicy::RoundRobin, _) => rotated.find(eligible),
+        (PickPolicy::LeastOutstanding, _) | (PickPolicy::PrefixAffinity, None) => rotated
+            .filter(eligible)
+            .min_by_key(|u| u.in_flight.load(Relaxed)),
+        (PickPolicy::LoadAware, _) => rotated.filter(eligible).min_by_key(|u| u.load_score()),
+        // Rendezvous hashing: a prefix keeps its endpoint while the set changes around it.
+        (PickPolicy::PrefixAffinity, Some(key)) => {
+            candidates.iter().filter(eligible).max_by_key(|u| {
+                fnv1a(
+                    &[
+                        key.to_le_bytes(),
+                        fnv1a(u.endpoint.url.as_bytes()).to_le_bytes(),
+                    ]
+                    .concat(),
+                )
+            })
+        }
+    };
+    chosen.cloned()
+}
+
+/// Told of every in-flight change (+1/-1), e.g. to mirror the count into a metric.
+pub type OnChange = Box<dyn Fn(&Upstream, i64) + Send + Sync>;
+
+/// Counts a request against an endpoint for as long as it lives.
+pub struct InFlight {
+    pub upstream: Arc<Upstream>,
+    on_change: Option<OnChange>,
+}
 
 impl InFlight {
-    pub fn new(b: &Arc<Backend>) -> InFlight {
-        b.inflight.fetch_add(1, Ordering::Relaxed);
-        b.gauge.inc();
-        InFlight(b.clone())
+    pub fn new(upstream: Arc<Upstream>, on_change: Option<OnChange>) -> Self {
+        upstream.in_flight.fetch_add(1, Relaxed);
+        if let Some(f) = &on_change {
+            f(&upstream, 1);
+        }
+        InFlight {
+            upstream,
+            on_change,
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
-        self.0.gauge.dec();
-    }
-}
-
-/// The ready backends of one role.
-#[derive(Debug, Default)]
-pub struct Pool {
-    pub backends: Vec<Arc<Backend>>,
-    cursor: AtomicUsize,
-}
-
-impl Pool {
-    pub fn new(backends: Vec<Arc<Backend>>) -> Pool {
-        Pool {
-            backends,
-            cursor: AtomicUsize::new(0),
+        self.upstream.in_flight.fetch_sub(1, Relaxed);
+        if let Some(f) = &self.on_change {
+            f(&self.upstream, -1);
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.backends.is_empty()
-    }
-
-    pub fn find_authority(&self, hostport: &str) -> Option<&Arc<Backend>> {
-        self.backends
-            .iter()
-            .find(|b| b.authority.as_str().eq_ignore_ascii_case(hostport))
-    }
-
-    /// Picks a backend not in `exclude`; `affinity` is the prompt-prefix hash.
-    pub fn pick(
-        &self,
-        policy: PickPolicy,
-        affinity: u64,
-        exclude: &[&Arc<Backend>],
-    ) -> Option<Arc<Backend>> {
-        let n = self.backends.len();
-        if n == 0 {
-            return None;
-        }
-        let ok = |b: &&Arc<Backend>| !exclude.iter().any(|e| Arc::ptr_eq(e, b));
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-        let mut rotated = (0..n).map(|i| &self.backends[(start + i) % n]);
-        let chosen = match policy {
-            PickPolicy::RoundRobin => rotated.find(ok),
-            // Rotating the start spreads ties evenly instead of piling onto the first backend.
-            PickPolicy::LeastOutstanding => rotated.filter(ok).min_by_key(|b| b.inflight()),
-            PickPolicy::LoadAware => rotated
-                .filter(ok)
-                .min_by(|a, b| a.load_score().total_cmp(&b.load_score())),
-            // Rendezvous hashing: stable under endpoints joining or leaving.
-            PickPolicy::PrefixAffinity => self.backends.iter().filter(ok).max_by_key(|b| {
-                let mut h = std::hash::DefaultHasher::new();
-                affinity.hash(&mut h);
-                b.id.hash(&mut h);
-                h.finish()
-            }),
-        };
-        chosen.cloned()
-    }
-}
-
-/// What requests route over: rebuilt whenever the endpoint set changes.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub prefill: Pool,
-    pub decode: Pool,
-}
-
-impl Snapshot {
-    /// Keeps the `Backend` (and so its counters) of every endpoint that is still there.
-    /// Endpoints with a bad URL are skipped and returned for logging.
-    pub fn build(set: &EndpointSet, prev: &Snapshot, metrics: &Metrics) -> (Snapshot, Vec<BadUrl>) {
-        let mut bad = Vec::new();
-        let mut pool = |role: Role, eps: &[Endpoint], old: &Pool| {
-            let by_key: HashMap<(&str, &str), &Arc<Backend>> = old
-                .backends
-                .iter()
-                .map(|b| ((b.id.as_str(), b.url.as_str()), b))
-                .collect();
-            let mut out = Vec::with_capacity(eps.len());
-            for ep in eps {
-                if let Some(b) = by_key.get(&(ep.id.as_str(), ep.url.as_str())) {
-                    out.push(Arc::clone(b));
-                    continue;
-                }
-                let gauge = metrics
-                    .inflight
-                    .get_or_create(&EndpointLabels {
-                        role: role.label(),
-                        endpoint: ep.id.clone(),
-                    })
-                    .clone();
-                match Backend::new(ep, gauge) {
-                    Ok(b) => out.push(Arc::new(b)),
-                    Err(e) => bad.push(e),
-                }
-            }
-            Pool::new(out)
-        };
-        let snap = Snapshot {
-            prefill: pool(Role::Prefill, &set.prefill, &prev.prefill),
-            decode: pool(Role::Decode, &set.decode, &prev.decode),
-        };
-        (snap, bad)
     }
 }
 
@@ -236,136 +185,141 @@ impl Snapshot {
 mod tests {
     use super::*;
 
-    fn ep(id: &str) -> Endpoint {
-        Endpoint {
-            id: id.into(),
-            url: format!("http://127.0.0.1:{}", 8000 + id.len()),
-        }
-    }
-
-    fn pool(ids: &[&str]) -> Pool {
-        Pool::new(
-            ids.iter()
-                .map(|i| Arc::new(Backend::new(&ep(i), Gauge::default()).unwrap()))
-                .collect(),
-        )
-    }
-
-    fn ids(p: &Pool, policy: PickPolicy, n: usize) -> Vec<String> {
+    fn ups(n: usize) -> Vec<Arc<Upstream>> {
         (0..n)
-            .map(|_| p.pick(policy, 0, &[]).unwrap().id.clone())
+            .map(|i| {
+                Arc::new(Upstream::new(Endpoint {
+                    id: format!("e{i}"),
+                    url: format!("http://127.0.0.1:{}", 8000 + i),
+                }))
+            })
             .collect()
     }
 
-    #[test]
-    fn round_robin_cycles() {
-        let p = pool(&["a", "bb", "ccc"]);
-        assert_eq!(ids(&p, PickPolicy::RoundRobin, 4), ["a", "bb", "ccc", "a"]);
+    fn pick_url(policy: PickPolicy, c: &[Arc<Upstream>], cur: &Cursors, ex: &[&str]) -> String {
+        pick(policy, Role::Decode, c, ex, cur, None)
+            .unwrap()
+            .endpoint
+            .url
+            .clone()
     }
 
     #[test]
-    fn least_outstanding_follows_guards() {
-        let p = pool(&["a", "bb"]);
-        let g = InFlight::new(&p.backends[0]);
-        assert_eq!(ids(&p, PickPolicy::LeastOutstanding, 3), ["bb", "bb", "bb"]);
-        drop(g);
-        assert_eq!(p.backends[0].inflight(), 0);
-        let both = ids(&p, PickPolicy::LeastOutstanding, 2);
-        assert!(both.contains(&"a".to_string()) && both.contains(&"bb".to_string()));
-    }
-
-    #[test]
-    fn load_aware_prefers_short_queues() {
-        let p = pool(&["a", "bb"]);
-        p.backends[0].set_load(5.0, 0.1);
-        p.backends[1].set_load(0.0, 0.9);
-        assert_eq!(ids(&p, PickPolicy::LoadAware, 3), ["bb", "bb", "bb"]);
-        p.backends[1].set_load(0.0, 0.9);
-        p.backends[0].set_load(0.0, 0.2);
-        assert_eq!(ids(&p, PickPolicy::LoadAware, 2), ["a", "a"]);
-    }
-
-    #[test]
-    fn prefix_affinity_is_stable_and_spreads() {
-        let p = pool(&["a", "bb", "ccc", "dddd"]);
-        let pick = |k| {
-            p.pick(PickPolicy::PrefixAffinity, k, &[])
-                .unwrap()
-                .id
-                .clone()
-        };
-        assert_eq!(pick(42), pick(42));
-        let distinct: std::collections::HashSet<_> = (0..64).map(pick).collect();
-        assert!(distinct.len() > 1);
-        // Removing an unrelated backend keeps the choice.
-        let chosen = pick(7);
-        let all = ["a", "bb", "ccc", "dddd"];
-        let other = all.into_iter().find(|i| *i != chosen).unwrap();
-        let rest: Vec<&str> = all.into_iter().filter(|i| *i != other).collect();
-        let q = pool(&rest);
-        assert_eq!(
-            q.pick(PickPolicy::PrefixAffinity, 7, &[]).unwrap().id,
-            chosen
-        );
-    }
-
-    #[test]
-    fn exclusion_and_empty() {
-        let p = pool(&["a", "bb"]);
-        let a = p.backends[0].clone();
-        for policy in [
-            PickPolicy::RoundRobin,
-            PickPolicy::LeastOutstanding,
-            PickPolicy::LoadAware,
-            PickPolicy::PrefixAffinity,
-        ] {
-            assert_eq!(p.pick(policy, 1, &[&a]).unwrap().id, "bb");
-            assert!(p.pick(policy, 1, &[&a, &p.backends[1]]).is_none());
+    fn round_robin_cycles_and_skips_excluded() {
+        let c = ups(3);
+        let cur = Cursors::default();
+        let got: Vec<String> = (0..4)
+            .map(|_| pick_url(PickPolicy::RoundRobin, &c, &cur, &[]))
+            .collect();
+        assert_eq!(got[0], got[3]);
+        assert_ne!(got[0], got[1]);
+        assert_ne!(got[1], got[2]);
+        for _ in 0..5 {
+            assert_ne!(
+                pick_url(PickPolicy::RoundRobin, &c, &cur, &["http://127.0.0.1:8001"]),
+                "http://127.0.0.1:8001"
+            );
         }
-        assert!(Pool::default()
-            .pick(PickPolicy::RoundRobin, 0, &[])
-            .is_none());
+        let all: Vec<&str> = c.iter().map(|u| u.endpoint.url.as_str()).collect();
+        assert!(pick(PickPolicy::RoundRobin, Role::Decode, &c, &all, &cur, None).is_none());
+        assert!(pick(PickPolicy::RoundRobin, Role::Decode, &[], &[], &cur, None).is_none());
     }
 
     #[test]
-    fn snapshot_keeps_counters_of_surviving_endpoints() {
-        let m = Metrics::default();
-        let set = EndpointSet {
-            prefill: vec![ep("a")],
-            decode: vec![
-                ep("bb"),
-                Endpoint {
-                    id: "x".into(),
-                    url: "ftp://nope".into(),
-                },
-            ],
+    fn least_outstanding_follows_the_guards() {
+        let c = ups(2);
+        let cur = Cursors::default();
+        let g = InFlight::new(c[0].clone(), None);
+        for _ in 0..3 {
+            assert_eq!(
+                pick_url(PickPolicy::LeastOutstanding, &c, &cur, &[]),
+                c[1].endpoint.url
+            );
+        }
+        let g2 = InFlight::new(c[1].clone(), None);
+        let _g3 = InFlight::new(c[1].clone(), None);
+        assert_eq!(
+            pick_url(PickPolicy::LeastOutstanding, &c, &cur, &[]),
+            c[0].endpoint.url
+        );
+        drop((g, g2));
+        assert_eq!(c[0].in_flight.load(Relaxed), 0);
+        assert_eq!(c[1].in_flight.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn load_aware_prefers_fewer_waiting_then_less_kv() {
+        let c = ups(3);
+        let cur = Cursors::default();
+        c[0].waiting.store(3, Relaxed);
+        c[1].kv_usage_micros.store(900_000, Relaxed);
+        c[2].kv_usage_micros.store(100_000, Relaxed);
+        assert_eq!(
+            pick_url(PickPolicy::LoadAware, &c, &cur, &[]),
+            c[2].endpoint.url
+        );
+    }
+
+    #[test]
+    fn prefix_affinity_is_sticky_and_survives_membership_changes() {
+        let c = ups(4);
+        let cur = Cursors::default();
+        let chosen = |c: &[Arc<Upstream>], key| {
+            pick(
+                PickPolicy::PrefixAffinity,
+                Role::Decode,
+                c,
+                &[],
+                &cur,
+                Some(key),
+            )
+            .unwrap()
+            .endpoint
+            .url
+            .clone()
         };
-        let (s1, bad) = Snapshot::build(&set, &Snapshot::default(), &m);
-        assert_eq!(bad.len(), 1);
-        let _g = InFlight::new(&s1.prefill.backends[0]);
-        let (s2, _) = Snapshot::build(&set, &s1, &m);
-        assert_eq!(s2.prefill.backends[0].inflight(), 1);
-        assert!(Arc::ptr_eq(&s1.decode.backends[0], &s2.decode.backends[0]));
+        let keys: Vec<u64> = (0..64).collect();
+        let before: Vec<String> = keys.iter().map(|k| chosen(&c, *k)).collect();
+        assert_eq!(
+            before,
+            keys.iter().map(|k| chosen(&c, *k)).collect::<Vec<_>>()
+        );
+        let spread: std::collections::HashSet<_> = before.iter().collect();
+        assert!(spread.len() >= 3, "keys spread over endpoints");
+        // Removing one endpoint moves only the keys that were on it.
+        let removed = c[3].endpoint.url.clone();
+        for (k, was) in keys.iter().zip(&before) {
+            if *was != removed {
+                assert_eq!(&chosen(&c[..3], *k), was);
+            }
+        }
     }
 
     #[test]
-    fn uri_joins_prefix() {
-        let b = Backend::new(
-            &Endpoint {
-                id: "p".into(),
-                url: "http://h:1/base/".into(),
-            },
-            Gauge::default(),
-        )
-        .unwrap();
-        assert_eq!(
-            b.uri(&"/v1/models?x=1".parse().unwrap()).to_string(),
-            "http://h:1/base/v1/models?x=1"
-        );
-        let b = Backend::new(&ep("a"), Gauge::default()).unwrap();
-        assert_eq!(
-            b.uri(&"/v1/models".parse().unwrap()).to_string(),
-            "http://127.0.0.1:8001/v1/models"
-        );
+    fn rebuild_keeps_counters_of_endpoints_that_stay() {
+        let set = |urls: &[&str]| EndpointSet {
+            prefill: vec![],
+            decode: urls
+                .iter()
+                .map(|u| Endpoint {
+                    id: u.to_string(),
+                    url: u.to_string(),
+                })
+                .collect(),
+        };
+        let first = Pools::rebuild(&set(&["http://a:1", "http://b:2"]), &Pools::default());
+        let _g = InFlight::new(first.decode[1].clone(), None);
+        let second = Pools::rebuild(&set(&["http://b:2", "http://c:3"]), &first);
+        assert_eq!(second.decode[0].in_flight.load(Relaxed), 1);
+        assert_eq!(second.decode[1].in_flight.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn authorities() {
+        assert_eq!(authority_of("http://127.0.0.1:8100"), "127.0.0.1:8100");
+        assert_eq!(authority_of("http://host:8100/v1"), "host:8100");
+        assert_eq!(authority_of("http://host"), "host:80");
+        assert_eq!(authority_of("http://[::1]:8000"), "[::1]:8000");
+        assert_eq!(authority_of("http://[::1]"), "[::1]:80");
     }
 }

@@ -1,153 +1,107 @@
-//! Request admission: the SSRF allowlist for sidecar prefill targets (ports checked), the
-//! `x-prefiller-host-port` header, and the API key check.
+//! Who may send what where: the SSRF allowlist for header-chosen prefill targets, and the API key.
 
-use std::net::IpAddr;
+use std::collections::HashSet;
 
-use http::HeaderMap;
-
-pub const PREFILLER_HEADER: &str = "x-prefiller-host-port";
-/// RS's legacy name for the same target.
-pub const PREFILLER_URL_HEADER: &str = "x-prefiller-url";
-pub const ENCODER_HEADER: &str = "x-encoder-hosts-ports";
-
-/// Splits `host[:port]` / `[v6]:port` / bare v6, after trimming a literal `http://` as llm-d does.
-pub fn split_host_port(target: &str) -> (&str, Option<u16>) {
-    let t = target.strip_prefix("http://").unwrap_or(target);
-    let t = t.trim_end_matches('/');
-    if let Some(rest) = t.strip_prefix('[') {
-        if let Some((host, after)) = rest.split_once(']') {
-            let port = after.strip_prefix(':').and_then(|p| p.parse().ok());
-            return (host, port);
-        }
-    }
-    if t.parse::<IpAddr>().is_ok() {
-        return (t, None);
-    }
-    match t.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => match p.parse() {
-            Ok(port) => (h, Some(port)),
-            Err(_) => (t, None),
-        },
-        _ => (t, None),
-    }
-}
-
-/// Hosts (any port) and host:port pairs a sidecar may send prefill legs to.
+/// `host` entries allow any port; `host:port` entries allow exactly that port (llm-d checks hosts
+/// only — an open gap, llm-d/llm-d-router#979 — we check ports too).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Allowlist {
-    entries: Vec<(String, Option<u16>)>,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("allowlist entry {entry:?} is not host, host:port or [ipv6]:port")]
-pub struct BadEntry {
-    pub entry: String,
+    hosts: HashSet<String>,
+    host_ports: HashSet<(String, u16)>,
 }
 
 impl Allowlist {
-    /// Entries separated by commas, whitespace or newlines; `#` starts a comment (for files).
-    pub fn parse<'a>(sources: impl IntoIterator<Item = &'a str>) -> Result<Allowlist, BadEntry> {
-        let mut entries = Vec::new();
-        for src in sources {
-            for line in src.lines() {
-                let line = line.split('#').next().unwrap_or("");
-                for e in line.split(|c: char| c == ',' || c.is_whitespace()) {
-                    if e.is_empty() {
-                        continue;
-                    }
-                    let (host, port) = split_host_port(e);
-                    if host.is_empty() || host.contains('/') || (e.ends_with(':') && port.is_none())
-                    {
-                        return Err(BadEntry { entry: e.into() });
-                    }
-                    entries.push((host.to_ascii_lowercase(), port));
+    pub fn parse<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<Allowlist, String> {
+        let mut list = Allowlist::default();
+        for raw in entries {
+            let entry = raw.trim();
+            if entry.is_empty() || entry.starts_with('#') {
+                continue;
+            }
+            match split_host_port(entry) {
+                (host, Some(port)) => {
+                    let port = port
+                        .parse()
+                        .map_err(|_| format!("allowlist entry {entry:?}: bad port {port:?}"))?;
+                    list.host_ports.insert((host.to_string(), port));
+                }
+                (host, None) => {
+                    list.hosts.insert(host.to_string());
                 }
             }
         }
-        Ok(Allowlist { entries })
+        Ok(list)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.hosts.is_empty() && self.host_ports.is_empty()
     }
 
+    /// `target` is a header value: `host:port`, `http://host:port`, `[v6]:port` or a bare host.
     pub fn allows(&self, target: &str) -> bool {
+        let target = target.trim().trim_start_matches("http://");
         let (host, port) = split_host_port(target);
-        self.entries.iter().any(|(h, p)| {
-            h.eq_ignore_ascii_case(host)
-                && match p {
-                    None => true,
-                    Some(p) => port == Some(*p),
-                }
-        })
+        if self.hosts.contains(host) {
+            return true;
+        }
+        let port = port.and_then(|p| p.parse::<u16>().ok()).unwrap_or(80);
+        self.host_ports.contains(&(host.to_string(), port))
     }
 }
 
-/// The prefill target named by the headers: one header line is split on commas, several lines
-/// are one candidate each (llm-d IS/RT); `sample` rotates over the candidates instead of taking
-/// the first. Empty → no disaggregation.
-pub fn prefill_target(headers: &HeaderMap, sample: Option<usize>) -> Option<String> {
-    let mut values = headers.get_all(PREFILLER_HEADER).iter();
-    let first = values
-        .next()
-        .or_else(|| headers.get(PREFILLER_URL_HEADER))?;
-    let mut cands: Vec<&str> = Vec::new();
-    let rest: Vec<_> = values.collect();
-    if rest.is_empty() {
-        cands.extend(first.to_str().ok()?.split(','));
-    } else {
-        for v in std::iter::once(first).chain(rest) {
-            cands.push(v.to_str().ok()?);
+/// `10.0.0.1:8000` → (`10.0.0.1`, Some(`8000`)); `[::1]:8000` → (`::1`, Some); `::1` → (`::1`, None).
+pub fn split_host_port(value: &str) -> (&str, Option<&str>) {
+    if let Some(rest) = value.strip_prefix('[') {
+        if let Some((host, after)) = rest.split_once(']') {
+            return (host, after.strip_prefix(':'));
         }
     }
-    let i = sample.map_or(0, |s| s % cands.len());
-    let t = cands[i].trim();
-    (!t.is_empty()).then(|| t.to_string())
+    match value.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => (host, Some(port)),
+        _ => (value, None),
+    }
 }
 
-/// Constant-time comparison of `Authorization: Bearer <key>` with the expected key.
-pub fn api_key_ok(expected: &[u8], headers: &HeaderMap) -> bool {
-    let got = headers
-        .get(http::header::AUTHORIZATION)
-        .map(|v| v.as_bytes())
-        .and_then(|v| {
-            v.strip_prefix(b"Bearer ")
-                .or_else(|| v.strip_prefix(b"bearer "))
-        })
-        .unwrap_or(b"");
-    // Length is not secret; every byte of equal-length keys is compared.
-    if got.len() != expected.len() {
-        return false;
+/// Compares without an early exit, so response timing does not reveal how much of a guess matched.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0xff);
+        diff |= usize::from(x ^ y);
     }
-    got.iter()
-        .zip(expected)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
+    diff == 0
+}
+
+/// `Authorization: Bearer KEY` against the configured key.
+pub fn authorized(header: Option<&str>, key: &str) -> bool {
+    header
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
-    fn host_extraction_like_llmd() {
+    fn host_extraction_like_llm_d() {
         assert_eq!(
             split_host_port("10.244.1.100:8000"),
-            ("10.244.1.100", Some(8000))
+            ("10.244.1.100", Some("8000"))
         );
         assert_eq!(split_host_port("valid-pod"), ("valid-pod", None));
-        assert_eq!(split_host_port("[::1]:8000"), ("::1", Some(8000)));
+        assert_eq!(split_host_port("[::1]:8000"), ("::1", Some("8000")));
         assert_eq!(split_host_port("::1"), ("::1", None));
-        assert_eq!(split_host_port("http://h:9"), ("h", Some(9)));
     }
 
-    /// §12 case 26, with ports: a bare host allows any port, host:port only that port.
     #[test]
-    fn allowlist_with_ports() {
-        let a = Allowlist::parse([
-            "10.244.1.100, valid-pod\nvalid-pod.test-namespace.svc.cluster.local # fqdn",
-            "pinned:8000,[fd00::1]:9",
+    fn hosts_allow_any_port_host_ports_only_theirs() {
+        let list = Allowlist::parse([
+            "10.244.1.100",
+            "valid-pod",
+            "valid-pod.test-namespace.svc.cluster.local",
+            "10.0.0.9:8000",
         ])
         .unwrap();
         for ok in [
@@ -156,76 +110,27 @@ mod tests {
             "valid-pod:8000",
             "valid-pod:9999",
             "valid-pod.test-namespace.svc.cluster.local:8000",
-            "http://valid-pod:1",
-            "pinned:8000",
-            "[fd00::1]:9",
+            "http://10.0.0.9:8000",
         ] {
-            assert!(a.allows(ok), "{ok}");
+            assert!(list.allows(ok), "{ok}");
         }
-        for bad in [
+        for denied in [
             "malicious.example.com:8080",
             "10.0.0.1:8000",
             "evil-pod:8000",
-            "pinned:8001",
-            "pinned",
-            "[fd00::1]:10",
-            "http://evil.host/ssrf",
+            "10.0.0.9:8001",
         ] {
-            assert!(!a.allows(bad), "{bad}");
+            assert!(!list.allows(denied), "{denied}");
         }
-        assert!(Allowlist::parse(["host:"]).is_err());
-        assert!(Allowlist::parse(["a/b"]).is_err());
-        assert!(Allowlist::parse(["# only a comment\n"]).unwrap().is_empty());
-    }
-
-    fn hdrs(vals: &[&str]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for v in vals {
-            h.append(PREFILLER_HEADER, HeaderValue::from_str(v).unwrap());
-        }
-        h
-    }
-
-    /// §12 cases 3-6.
-    #[test]
-    fn header_parsing() {
-        assert_eq!(prefill_target(&hdrs(&[]), None), None);
-        assert_eq!(prefill_target(&hdrs(&["a"]), None).as_deref(), Some("a"));
-        assert_eq!(prefill_target(&hdrs(&["a,b"]), None).as_deref(), Some("a"));
-        assert_eq!(
-            prefill_target(&hdrs(&["a,b"]), Some(1)).as_deref(),
-            Some("b")
-        );
-        assert_eq!(
-            prefill_target(&hdrs(&[" a, b"]), Some(0)).as_deref(),
-            Some("a")
-        );
-        assert_eq!(
-            prefill_target(&hdrs(&[" a, b"]), Some(1)).as_deref(),
-            Some("b")
-        );
-        assert_eq!(
-            prefill_target(&hdrs(&["a", "b"]), Some(1)).as_deref(),
-            Some("b")
-        );
-        assert_eq!(
-            prefill_target(&hdrs(&["a", "b"]), None).as_deref(),
-            Some("a")
-        );
-        assert_eq!(prefill_target(&hdrs(&[""]), None), None);
-        assert_eq!(prefill_target(&hdrs(&["", ""]), Some(1)), None);
-        let mut legacy = HeaderMap::new();
-        legacy.insert(PREFILLER_URL_HEADER, HeaderValue::from_static("http://p:1"));
-        assert_eq!(prefill_target(&legacy, None).as_deref(), Some("http://p:1"));
+        assert!(Allowlist::parse(["h:notaport"]).is_err());
     }
 
     #[test]
-    fn api_key() {
-        let mut h = HeaderMap::new();
-        assert!(!api_key_ok(b"k1", &h));
-        h.insert("authorization", HeaderValue::from_static("Bearer k1"));
-        assert!(api_key_ok(b"k1", &h));
-        assert!(!api_key_ok(b"k2", &h));
-        assert!(!api_key_ok(b"k11", &h));
+    fn api_key_checks() {
+        assert!(authorized(Some("Bearer s3cret"), "s3cret"));
+        assert!(!authorized(Some("Bearer s3cre"), "s3cret"));
+        assert!(!authorized(Some("Bearer s3cretX"), "s3cret"));
+        assert!(!authorized(Some("s3cret"), "s3cret"));
+        assert!(!authorized(None, "s3cret"));
     }
 }

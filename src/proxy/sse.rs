@@ -1,85 +1,68 @@
-//! Line-buffered rewrite of `usage.prompt_tokens_details.cached_tokens` in an SSE stream.
-//!
-//! Chunks are forwarded as soon as they hold complete lines; only the unterminated tail of a
-//! chunk waits for the next one. Chunks without a `"usage"` key are passed on as the same
-//! `Bytes` (no copy), which is every chunk but the last on a vLLM stream.
+//! Rewrites `usage.prompt_tokens_details.cached_tokens` inside an SSE stream without holding the
+//! stream back: complete lines go out as soon as they arrive; only a partial trailing line waits
+//! for its next chunk.
 
-use bytes::{BufMut, Bytes, BytesMut};
-use serde_json::Value;
+use bytes::{Bytes, BytesMut};
 
-use super::pd::set_cached_tokens;
+use super::rewrite::rewrite_usage;
 
 pub struct SseUsageRewriter {
-    cached: u64,
-    pending: BytesMut,
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+    cached_tokens: u64,
+    partial: BytesMut,
 }
 
 impl SseUsageRewriter {
-    pub fn new(cached: u64) -> Self {
+    pub fn new(cached_tokens: u64) -> Self {
         SseUsageRewriter {
-            cached,
-            pending: BytesMut::new(),
+            cached_tokens,
+            partial: BytesMut::new(),
         }
     }
 
-    /// Feeds one upstream chunk; returns what may go to the client now (possibly empty).
-    pub fn push(&mut self, chunk: Bytes) -> Bytes {
-        let data = if self.pending.is_empty() {
-            chunk
-        } else {
-            self.pending.extend_from_slice(&chunk);
-            self.pending.split().freeze()
-        };
-        let Some(last_nl) = data.iter().rposition(|&b| b == b'\n') else {
-            self.pending.extend_from_slice(&data);
+    /// Takes the next upstream chunk; returns what can be sent now (possibly empty).
+    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+        let Some(last_newline) = chunk.iter().rposition(|b| *b == b'\n') else {
+            self.partial.extend_from_slice(chunk);
             return Bytes::new();
         };
-        if last_nl + 1 < data.len() {
-            self.pending.extend_from_slice(&data[last_nl + 1..]);
-        }
-        let complete = data.slice(..=last_nl);
+        let mut complete = std::mem::take(&mut self.partial);
+        complete.extend_from_slice(&chunk[..=last_newline]);
+        self.partial.extend_from_slice(&chunk[last_newline + 1..]);
+        // Fast path: a chunk without a usage object goes out untouched.
         if !contains(&complete, b"\"usage\"") {
-            return complete;
+            return complete.freeze();
         }
-        let mut out = BytesMut::with_capacity(complete.len() + 64);
-        for line in complete.split_inclusive(|&b| b == b'\n') {
+        let mut out = BytesMut::with_capacity(complete.len() + 32);
+        for line in complete.split_inclusive(|b| *b == b'\n') {
             self.rewrite_line(line, &mut out);
         }
         out.freeze()
     }
 
-    /// The stream ended: a last line without a newline is rewritten and flushed.
-    pub fn finish(&mut self) -> Option<Bytes> {
-        if self.pending.is_empty() {
-            return None;
+    /// The end of the stream: a last line without a newline is flushed (rewritten if it can be).
+    pub fn finish(&mut self) -> Bytes {
+        let rest = std::mem::take(&mut self.partial);
+        let mut out = BytesMut::with_capacity(rest.len());
+        if !rest.is_empty() {
+            self.rewrite_line(&rest, &mut out);
         }
-        let rest = self.pending.split();
-        let mut out = BytesMut::with_capacity(rest.len() + 64);
-        self.rewrite_line(&rest, &mut out);
-        Some(out.freeze())
+        out.freeze()
     }
 
     fn rewrite_line(&self, line: &[u8], out: &mut BytesMut) {
-        let body_len = line
+        let body_end = line
             .iter()
-            .rposition(|&b| b != b'\n' && b != b'\r')
+            .rposition(|b| *b != b'\n' && *b != b'\r')
             .map_or(0, |i| i + 1);
-        let (body, ending) = line.split_at(body_len);
-        if let Some(json) = body.strip_prefix(b"data:") {
-            let json = json.trim_ascii_start();
-            if json.first() == Some(&b'{') && contains(json, b"\"usage\"") {
-                if let Ok(mut doc) = serde_json::from_slice::<Value>(json) {
-                    if set_cached_tokens(&mut doc, self.cached) {
-                        out.extend_from_slice(b"data: ");
-                        // Serializing a parsed Value into memory cannot fail.
-                        serde_json::to_writer((&mut *out).writer(), &doc).expect("JSON to memory");
-                        out.extend_from_slice(ending);
-                        return;
-                    }
+        let (content, ending) = line.split_at(body_end);
+        if let Some(json) = content.strip_prefix(b"data:") {
+            let json = json.strip_prefix(b" ").unwrap_or(json);
+            if let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(json) {
+                if rewrite_usage(&mut value, self.cached_tokens) {
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(value.to_string().as_bytes());
+                    out.extend_from_slice(ending);
+                    return;
                 }
             }
         }
@@ -87,85 +70,73 @@ impl SseUsageRewriter {
     }
 }
 
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const STREAM: &str = concat!(
-        "data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}],\"usage\":null}\n\n",
-        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":64,\"prompt_tokens_details\":{\"cached_tokens\":49}}}\n\n",
-        "data: [DONE]\n\n"
-    );
+    const STREAM: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"hello\"}}]}\n\n\
+        data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"prompt_tokens_details\":{\"cached_tokens\":49}}}\n\n\
+        data: [DONE]\n\n";
 
-    fn run(chunks: &[&[u8]], cached: u64) -> String {
-        let mut r = SseUsageRewriter::new(cached);
+    fn run(chunks: &[&[u8]]) -> String {
+        let mut r = SseUsageRewriter::new(7);
         let mut out = Vec::new();
         for c in chunks {
-            out.extend_from_slice(&r.push(Bytes::copy_from_slice(c)));
+            out.extend_from_slice(&r.push(c));
         }
-        if let Some(rest) = r.finish() {
-            out.extend_from_slice(&rest);
-        }
+        out.extend_from_slice(&r.finish());
         String::from_utf8(out).unwrap()
     }
 
-    /// §12 case 19.
     #[test]
-    fn rewrites_the_usage_chunk_only() {
-        let out = run(&[STREAM.as_bytes()], 7);
+    fn rewrites_usage_and_keeps_everything_else() {
+        let out = run(&[STREAM.as_bytes()]);
         assert!(out.contains("\"content\":\"hello\""));
         assert!(out.contains("\"cached_tokens\":7"));
         assert!(!out.contains("\"cached_tokens\":49"));
         assert!(out.ends_with("data: [DONE]\n\n"));
-        assert!(out.contains("\"usage\":null}\n\n"));
+        assert_eq!(out.matches("\n\n").count(), 3, "frame boundaries kept");
     }
 
-    /// §12 case 20: every split point, including inside `data:` and inside the JSON.
     #[test]
-    fn any_split_gives_the_same_output() {
-        let whole = run(&[STREAM.as_bytes()], 7);
-        let b = STREAM.as_bytes();
-        for i in 0..b.len() {
-            assert_eq!(run(&[&b[..i], &b[i..]], 7), whole, "split at {i}");
+    fn split_anywhere_gives_the_same_output() {
+        let whole = run(&[STREAM.as_bytes()]);
+        let bytes = STREAM.as_bytes();
+        for cut in 1..bytes.len() {
+            assert_eq!(run(&[&bytes[..cut], &bytes[cut..]]), whole, "cut at {cut}");
         }
-        for i in (0..b.len()).step_by(7) {
-            let chunks: Vec<&[u8]> = b.chunks(i.max(1)).collect();
-            assert_eq!(run(&chunks, 7), whole, "chunks of {i}");
-        }
+        let singles: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert_eq!(run(&singles), whole);
     }
 
     #[test]
-    fn creates_details_and_keeps_other_lines() {
-        let out = run(
-            &[b"event: x\ndata: not json \"usage\"\ndata: {\"usage\":{\"prompt_tokens\":3}}\n"],
-            5,
-        );
-        assert!(out.starts_with("event: x\ndata: not json \"usage\"\n"));
-        assert!(out.contains("\"prompt_tokens_details\":{\"cached_tokens\":5}"));
+    fn usage_without_details_gets_them_and_non_json_lines_pass() {
+        let out =
+            run(&[b"data: {\"usage\":{\"prompt_tokens\":1}}\n\ndata: not json\n: comment\n\n"]);
+        assert!(out.contains("\"prompt_tokens_details\":{\"cached_tokens\":7}"));
+        assert!(out.contains("data: not json\n: comment\n\n"));
     }
 
     #[test]
-    fn flushes_a_trailing_line_without_newline() {
-        let out = run(&[b"data: {\"usage\":{}}"], 2);
+    fn a_trailing_line_without_newline_is_flushed_rewritten() {
+        let out = run(&[b"data: {\"usage\":{\"prompt_tokens_details\":{\"cached_tokens\":3}}}"]);
         assert_eq!(
             out,
-            "data: {\"usage\":{\"prompt_tokens_details\":{\"cached_tokens\":2}}}"
+            "data: {\"usage\":{\"prompt_tokens_details\":{\"cached_tokens\":7}}}"
         );
-        assert_eq!(run(&[b"data: [DONE]"], 2), "data: [DONE]");
     }
 
     #[test]
-    fn crlf_line_endings_survive() {
-        let out = run(&[b"data: {\"usage\":{}}\r\n\r\n"], 1);
-        assert!(out.ends_with("}}}\r\n\r\n"), "{out}");
-    }
-
-    #[test]
-    fn chunks_without_usage_pass_through_unchanged() {
-        let mut r = SseUsageRewriter::new(1);
-        let c = Bytes::from_static(b"data: {\"choices\":[]}\n\n");
-        let out = r.push(c.clone());
-        assert_eq!(out, c);
-        assert_eq!(out.as_ptr(), c.as_ptr(), "no copy on the fast path");
+    fn lines_without_usage_are_not_held_back() {
+        let mut r = SseUsageRewriter::new(7);
+        assert_eq!(
+            &r.push(b"data: {\"a\":1}\n\ndata: {\"b\"")[..],
+            b"data: {\"a\":1}\n\n"
+        );
+        assert_eq!(&r.push(b":2}\n\n")[..], b"data: {\"b\":2}\n\n");
     }
 }

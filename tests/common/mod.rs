@@ -2,6 +2,8 @@
 //! the test, and a minimal HTTP/1.1 client that can also hang up mid-response.
 #![allow(dead_code)]
 
+pub mod fake;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -22,6 +24,28 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Starts `pdctl proxy` (or `pdctl sidecar`) with `args` on a fresh port; returns it and the port.
+pub fn start_proxy(sub: &str, args: &[String]) -> (Proc, u16) {
+    let port = free_port();
+    let listen: Vec<String> = if sub == "sidecar" {
+        vec![format!("--port={port}"), "--host=127.0.0.1".into()]
+    } else {
+        vec!["--listen".into(), format!("127.0.0.1:{port}")]
+    };
+    let child = pdctl()
+        .arg(sub)
+        .args(listen)
+        .args(args)
+        .env("PDCTL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pdctl proxy starts");
+    let proc = Proc(child);
+    wait_listening(port);
+    (proc, port)
 }
 
 pub fn pdctl() -> Command {
