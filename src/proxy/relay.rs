@@ -91,7 +91,7 @@ impl Body for Relay {
                     };
                     let out = match &mut this.rewrite {
                         Rewrite::None => data,
-                        Rewrite::Sse(rewriter) => rewriter.push(&data),
+                        Rewrite::Sse(rewriter) => rewriter.push(data),
                         Rewrite::Json { buf, .. } => {
                             buf.extend_from_slice(&data);
                             continue;
