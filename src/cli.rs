@@ -32,6 +32,8 @@ pub enum Command {
     Plan(crate::plan::cli::PlanArgs),
     /// List this host's GPUs (NVML) or the inventory given with --gpus.
     Gpus(crate::gpu::cli::GpusArgs),
+    /// Render the deployment for Kubernetes (KServe or plain) or Compose.
+    Export(crate::export::cli::ExportArgs),
     /// The P/D routing proxy alone, in front of engines started elsewhere.
     Proxy(crate::proxy::cli::ProxyArgs),
     /// Drop-in for llm-d's routing sidecar in a Kubernetes decode pod (llm-d's flag names).
@@ -100,6 +102,7 @@ pub fn main() -> ExitCode {
         Command::Gpus(a) => crate::gpu::cli::run(a),
         Command::Sim { args } => crate::sim::run(&args),
         Command::Proxy(a) => crate::proxy::cli::run_proxy(a),
+        Command::Export(a) => crate::export::cli::run(a),
         Command::Sidecar(a) => crate::proxy::cli::run_sidecar(a),
     }
 }

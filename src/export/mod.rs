@@ -1,1 +1,92 @@
-//! Module `export`: see architecture.md.
+//! Renders a plan as Kubernetes or Compose manifests. The exporter never re-derives what the
+//! plan knows: images, argv, env, probes, shm and GPU counts all come from its instances, so
+//! a local run and a cluster run stay equivalent by construction (see tests/export_*.rs).
+
+pub mod cli;
+pub mod compose;
+pub mod k8s;
+pub mod kserve;
+pub mod pod;
+mod yaml;
+
+use thiserror::Error;
+
+use crate::plan::{Plan, Role};
+
+pub use pod::Sidecar;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// KServe LLMInferenceService (+ LLMInferenceServiceConfig with --with-configs).
+    Kserve,
+    /// Plain Deployments and Services, with `pdctl proxy` as the router.
+    K8s,
+    /// A Compose file equivalent to the local Docker run.
+    Compose,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub with_configs: bool,
+    pub sidecar: Sidecar,
+    /// The image that runs pdctl itself (router, sidecar, simulator).
+    pub pdctl_image: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            with_configs: false,
+            sidecar: Sidecar::LlmD,
+            pdctl_image: pod::pdctl_image(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ExportError {
+    #[error("the plan has no {0} instance")]
+    NoInstance(Role),
+    #[error("writing YAML: {0}")]
+    Yaml(String),
+}
+
+/// The YAML text for `kind`, header comment included; deterministic for a given plan.
+pub fn render(kind: Kind, plan: &Plan, opts: &Options) -> Result<String, ExportError> {
+    let mut out = yaml::header(plan, kind);
+    match kind {
+        Kind::Kserve => yaml::documents(&mut out, &kserve::render(plan, opts)?)?,
+        Kind::K8s => yaml::documents(&mut out, &k8s::render(plan, opts)?)?,
+        Kind::Compose => yaml::document(&mut out, &compose::render(plan, opts)?)?,
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// A decode instance as `pdctl plan -o json` prints it, for unit tests of the renderers.
+    pub fn instance_json() -> serde_json::Value {
+        serde_json::json!({
+            "name": "pdctl-t-decode-0", "role": "decode", "index": 0,
+            "gpus": [{"index": 1, "uuid": "GPU-1"}], "http_port": 8200, "side_channel_port": 5700,
+            "image": "img", "argv": ["vllm", "serve", "m", "--port", "8200"],
+            "env": [{"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "value": "127.0.0.1"},
+                    {"name": "FLAG", "value": "y"}],
+            "mounts": [], "shm_size": "2Gi", "shm_size_bytes": 2147483648u64,
+            "ipc_mode": "host", "pid_mode": "host",
+            "probes": {
+                "startup": {"path": "/health", "port": 8200, "initial_delay_seconds": 0,
+                            "period_seconds": 10, "timeout_seconds": 1, "failure_threshold": 60,
+                            "success_threshold": 1},
+                "readiness": {"path": "/health", "port": 8200, "initial_delay_seconds": 0,
+                              "period_seconds": 1, "timeout_seconds": 1, "failure_threshold": 2,
+                              "success_threshold": 1},
+                "liveness": {"path": "/health", "port": 8200, "initial_delay_seconds": 0,
+                             "period_seconds": 10, "timeout_seconds": 1, "failure_threshold": 10,
+                             "success_threshold": 1}},
+            "labels": {"llm-d.ai/role": "decode", "pdctl.index": "0"},
+            "restart_policy": "always", "stop_signal": "SIGTERM", "stop_grace_seconds": 60,
+            "spec_hash": "abc"
+        })
+    }
+}

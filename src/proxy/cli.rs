@@ -130,6 +130,10 @@ pub struct SidecarArgs {
     /// A file of allowlist entries, one per line (`#` comments).
     #[arg(long)]
     pub ssrf_allowlist_file: Option<std::path::PathBuf>,
+    /// With SSRF protection: refuse every header-chosen prefill (for pods behind a router that
+    /// does P/D itself and never sends the header).
+    #[arg(long)]
+    pub ssrf_deny_all: bool,
     /// Serve HTTPS. pdctl's sidecar serves plain HTTP: terminate TLS in front of it.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
           default_value = "false", action = ArgAction::Set)]
@@ -218,7 +222,7 @@ pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
             Ok(list) => list,
             Err(e) => return fail(e),
         };
-        if list.is_empty() {
+        if list.is_empty() && !args.ssrf_deny_all {
             return fail("--enable-ssrf-protection needs --ssrf-allowlist or --ssrf-allowlist-file (pdctl does not watch InferencePools)");
         }
         Some(list)
@@ -254,8 +258,13 @@ pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
 }
 
 fn run(cfg: Config, listen: SocketAddr, sources: Sources, workers: usize) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
+    // One worker: a current-thread runtime, so no request ever hops between threads.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if workers > 1 {
         builder.worker_threads(workers);
     }
     let runtime = match builder.enable_all().build() {

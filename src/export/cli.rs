@@ -1,0 +1,94 @@
+//! `pdctl export kserve|k8s|compose -f FILE [-o DIR]`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::cli::FileArg;
+use crate::gpu::cli::GpuArg;
+use crate::gpu::{FixedInventory, GpuInventory};
+use crate::plan::PlanError;
+
+use super::{render, Kind, Options, Sidecar};
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// What to render.
+    #[arg(value_enum)]
+    pub kind: Kind,
+    #[command(flatten)]
+    pub file: FileArg,
+    /// Write `<project>-<kind>.yaml` into this directory instead of printing to stdout.
+    #[arg(short = 'o', long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// kserve: also render LLMInferenceServiceConfig templates, referenced by baseRefs.
+    #[arg(long)]
+    pub with_configs: bool,
+    /// The routing sidecar: `llm-d` (KServe's default image), `pdctl`, or an image running
+    /// `pdctl sidecar`.
+    #[arg(long, default_value = "llm-d")]
+    pub sidecar_image: String,
+    /// The image that runs pdctl itself (router, pdctl sidecar, simulator engines).
+    #[arg(long)]
+    pub pdctl_image: Option<String>,
+    /// compose: this host's GPUs (NVML) unless `--gpus` is given, as for `pdctl plan`.
+    /// kserve and k8s plan against as many GPUs as needed: the cluster schedules them.
+    #[command(flatten)]
+    pub gpu: GpuArg,
+}
+
+fn fail(e: &PlanError) -> ExitCode {
+    match e {
+        PlanError::Invalid(_) => eprintln!("{e}"),
+        PlanError::Gpu(_) => eprintln!("error: {e}"),
+    }
+    ExitCode::from(e.exit_code())
+}
+
+pub fn run(args: ExportArgs) -> ExitCode {
+    // A cluster schedules GPUs itself: placement on this host only matters to compose.
+    let inventory: Result<Box<dyn GpuInventory>, _> = match (args.kind, &args.gpu.gpus) {
+        (Kind::Compose, _) | (_, Some(_)) => args.gpu.inventory(),
+        _ => FixedInventory::parse("64").map(|i| Box::new(i) as Box<dyn GpuInventory>),
+    };
+    let inventory = match inventory {
+        Ok(i) => i,
+        Err(e) => return fail(&PlanError::Gpu(e)),
+    };
+    let plan = match crate::plan::plan_file(&args.file.file, inventory.as_ref()) {
+        Ok(plan) => plan,
+        Err(e) => return fail(&e),
+    };
+    let pdctl_image = args.pdctl_image.unwrap_or_else(super::pod::pdctl_image);
+    let sidecar = match args.sidecar_image.as_str() {
+        "llm-d" => Sidecar::LlmD,
+        "pdctl" => Sidecar::Pdctl(pdctl_image.clone()),
+        image => Sidecar::Pdctl(image.to_string()),
+    };
+    let opts = Options {
+        with_configs: args.with_configs,
+        sidecar,
+        pdctl_image,
+    };
+    let text = match render(args.kind, &plan, &opts) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match args.output {
+        None => print!("{text}"),
+        Some(dir) => {
+            let kind = format!("{:?}", args.kind).to_lowercase();
+            let path = dir.join(format!("{}-{kind}.yaml", plan.project));
+            if let Err(e) =
+                std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, &text))
+            {
+                eprintln!("error: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+            println!("wrote {}", path.display());
+        }
+    }
+    ExitCode::SUCCESS
+}
