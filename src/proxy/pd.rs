@@ -105,14 +105,13 @@ pub async fn handle(
             return response;
         }
     };
-    let prefill = Bytes::from(serde_json::to_vec(&prefill_body(&client, api)).expect("JSON map"));
+    let prefill = Bytes::from(prefill_body(&client, api));
     match run_prefill(&proxy, &parts, prefill, &request_id, first, route).await {
         Prefilled::Ok(result) => {
             if result.kv_transfer_params.is_null() {
                 tracing::warn!(%request_id, "prefill returned no kv_transfer_params; the decode will recompute the prompt");
             }
-            let decode = decode_body(client, result.kv_transfer_params);
-            let decode = Bytes::from(serde_json::to_vec(&decode).expect("JSON map"));
+            let decode = Bytes::from(decode_body(&client, &result.kv_transfer_params));
             let cached = Some(result.cached_tokens);
             to_decode(
                 proxy,

@@ -33,10 +33,37 @@ impl Api {
 /// The prefill leg's body: one token, not streamed, KV kept for a remote decode. Beyond llm-d,
 /// `ignore_eos` and no stop conditions, so a one-token prefill that hits EOS still returns
 /// `kv_transfer_params` instead of making the decode recompute the prompt silently.
-pub fn prefill_body(client: &Map<String, Value>, api: Api) -> Map<String, Value> {
-    let mut body = client.clone();
-    body.insert(
-        "kv_transfer_params".into(),
+pub fn prefill_body(client: &Map<String, Value>, api: Api) -> Vec<u8> {
+    let one = Value::from(1u8);
+    let no = Value::Bool(false);
+    let yes = Value::Bool(true);
+    let mut patch: Vec<Patch<'_>> = Vec::with_capacity(9);
+    patch.extend([
+        ("kv_transfer_params", Some(prefill_kv_params())),
+        ("stream", Some(&no)),
+        ("stream_options", None),
+    ]);
+    patch.extend(api.token_limits().iter().map(|limit| (*limit, Some(&one))));
+    if api != Api::Responses {
+        patch.extend([
+            ("ignore_eos", Some(&yes)),
+            ("stop", None),
+            ("stop_token_ids", None),
+        ]);
+    }
+    write_patched(client, &patch)
+}
+
+/// The decode leg's body: the client's own request plus the prefill's params, verbatim.
+pub fn decode_body(client: &Map<String, Value>, kv_transfer_params: &Value) -> Vec<u8> {
+    write_patched(client, &[("kv_transfer_params", Some(kv_transfer_params))])
+}
+
+/// The fixed params of a prefill request, with the keys present as JSON nulls (vLLM and llm-d's
+/// mocks check for them).
+fn prefill_kv_params() -> &'static Value {
+    static KV: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    KV.get_or_init(|| {
         serde_json::json!({
             "do_remote_decode": true,
             "do_remote_prefill": false,
@@ -44,28 +71,41 @@ pub fn prefill_body(client: &Map<String, Value>, api: Api) -> Map<String, Value>
             "remote_block_ids": null,
             "remote_host": null,
             "remote_port": null,
-        }),
-    );
-    body.insert("stream".into(), Value::Bool(false));
-    body.remove("stream_options");
-    for limit in api.token_limits() {
-        body.insert((*limit).into(), Value::from(1));
-    }
-    if api != Api::Responses {
-        body.insert("ignore_eos".into(), Value::Bool(true));
-        body.remove("stop");
-        body.remove("stop_token_ids");
-    }
-    body
+        })
+    })
 }
 
-/// The decode leg's body: the client's own request plus the prefill's params, verbatim.
-pub fn decode_body(
-    mut client: Map<String, Value>,
-    kv_transfer_params: Value,
-) -> Map<String, Value> {
-    client.insert("kv_transfer_params".into(), kv_transfer_params);
-    client
+/// A top-level key replaced or appended (`Some`) or removed (`None`).
+type Patch<'a> = (&'static str, Option<&'a Value>);
+
+/// Serializes the client's object with a few top-level keys patched, without cloning it: the
+/// client's keys in their order, then the added ones.
+fn write_patched(base: &Map<String, Value>, patch: &[Patch<'_>]) -> Vec<u8> {
+    use serde::ser::{Serialize, SerializeMap, Serializer};
+    struct Patched<'a>(&'a Map<String, Value>, &'a [Patch<'a>]);
+    impl Serialize for Patched<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut m = s.serialize_map(None)?;
+            for (k, v) in self.0 {
+                match self.1.iter().find(|(pk, _)| *pk == k) {
+                    Some((_, Some(pv))) => m.serialize_entry(k, pv)?,
+                    Some((_, None)) => {}
+                    None => m.serialize_entry(k, v)?,
+                }
+            }
+            for (pk, pv) in self.1 {
+                if let Some(pv) = pv {
+                    if !self.0.contains_key(*pk) {
+                        m.serialize_entry(pk, pv)?;
+                    }
+                }
+            }
+            m.end()
+        }
+    }
+    let mut out = Vec::with_capacity(512);
+    serde_json::to_writer(&mut out, &Patched(base, patch)).expect("JSON values serialize");
+    out
 }
 
 /// What the decode needs from a successful prefill answer.
@@ -161,6 +201,10 @@ mod tests {
         v.as_object().unwrap().clone()
     }
 
+    fn parsed(b: Vec<u8>) -> Map<String, Value> {
+        map(serde_json::from_slice(&b).unwrap())
+    }
+
     #[test]
     fn prefill_leg_has_explicit_nulls_one_token_and_no_stream_options() {
         let client = map(
@@ -168,7 +212,7 @@ mod tests {
                                 "stream_options": {"include_usage": true}, "stop": ["x"],
                                 "custom_field": {"kept": 1}}),
         );
-        let p = prefill_body(&client, Api::Chat);
+        let p = parsed(prefill_body(&client, Api::Chat));
         assert_eq!(
             p["kv_transfer_params"],
             json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null,
@@ -186,16 +230,31 @@ mod tests {
     }
 
     #[test]
+    fn patched_bodies_keep_the_client_key_order() {
+        let client = map(json!({"z": 1, "model": "m", "max_tokens": 9, "a": [null]}));
+        let p = String::from_utf8(prefill_body(&client, Api::Completions)).unwrap();
+        assert!(
+            p.starts_with(r#"{"z":1,"model":"m","max_tokens":1,"a":[null],"kv_transfer_params":{"#),
+            "{p}"
+        );
+        let d = String::from_utf8(decode_body(&client, &json!({"x": 1}))).unwrap();
+        assert_eq!(
+            d,
+            r#"{"z":1,"model":"m","max_tokens":9,"a":[null],"kv_transfer_params":{"x":1}}"#
+        );
+    }
+
+    #[test]
     fn decode_leg_restores_the_client_fields_exactly() {
         let client =
             map(json!({"prompt": "p", "max_tokens": 100, "min_tokens": 5, "stream": true}));
         let params = json!({"remote_block_ids": [1, 2], "remote_engine_id": "e", "extra": "kept"});
-        let d = decode_body(client, params.clone());
+        let d = parsed(decode_body(&client, &params));
         assert_eq!(d["max_tokens"], 100);
         assert_eq!(d["min_tokens"], 5);
         assert_eq!(d["stream"], true);
         assert_eq!(d["kv_transfer_params"], params);
-        let bare = decode_body(map(json!({"prompt": "p"})), Value::Null);
+        let bare = parsed(decode_body(&map(json!({"prompt": "p"})), &Value::Null));
         assert!(!bare.contains_key("max_completion_tokens") && !bare.contains_key("max_tokens"));
         assert!(!bare.contains_key("stream"));
         assert_eq!(bare["kv_transfer_params"], Value::Null);
@@ -207,11 +266,11 @@ mod tests {
             json!({"model": "gpt-4o", "input": "Hello", "max_output_tokens": 50,
                                 "stream": true}),
         );
-        let p = prefill_body(&client, Api::Responses);
+        let p = parsed(prefill_body(&client, Api::Responses));
         assert_eq!(p["max_output_tokens"], 1);
         assert_eq!(p["stream"], false);
         assert!(!p.contains_key("max_tokens"));
-        let d = decode_body(client, json!({}));
+        let d = parsed(decode_body(&client, &json!({})));
         assert_eq!(d["max_output_tokens"], 50);
         assert_eq!(d["stream"], true);
     }

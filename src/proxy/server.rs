@@ -42,6 +42,10 @@ pub enum ProxyError {
         addr: String,
         source: std::io::Error,
     },
+    /// `[proxy] api_key_env` names a variable that is unset or empty: serving without the key
+    /// would silently open the endpoint, so the proxy refuses to start.
+    #[error("[proxy] api_key_env names {name}, which is unset or empty")]
+    ApiKeyEnv { name: String },
 }
 
 /// Where the prefill target comes from.
@@ -156,10 +160,17 @@ pub async fn serve_embedded(
     endpoints: watch::Receiver<EndpointSet>,
     shutdown: CancellationToken,
 ) -> Result<(), ProxyError> {
-    let api_key = section
-        .api_key_env
-        .as_deref()
-        .and_then(|name| std::env::var(name).ok());
+    let api_key = match section.api_key_env.as_deref() {
+        None => None,
+        Some(name) => match std::env::var(name) {
+            Ok(key) if !key.is_empty() => Some(key),
+            _ => {
+                return Err(ProxyError::ApiKeyEnv {
+                    name: name.to_string(),
+                })
+            }
+        },
+    };
     let cfg = Config {
         section,
         mode: Mode::Pools,
@@ -274,11 +285,32 @@ async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
         }
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")),
     };
-    match Api::from_path(&path) {
+    // Until a response exists, a client that goes away drops this future (and with it the
+    // prefill leg): count that here, the response body counts it afterwards.
+    let gone = ClientGone(Some(proxy.clone()));
+    let response = match Api::from_path(&path) {
         Some(api) if parts.method == Method::POST => {
             pd::handle(proxy, parts, body, api, start).await
         }
         _ => passthrough(proxy, parts, body, start).await,
+    };
+    gone.disarm();
+    response
+}
+
+struct ClientGone(Option<Arc<Proxy>>);
+
+impl ClientGone {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ClientGone {
+    fn drop(&mut self) {
+        if let Some(proxy) = &self.0 {
+            proxy.metrics.client_disconnects.inc();
+        }
     }
 }
 

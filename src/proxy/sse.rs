@@ -19,22 +19,24 @@ impl SseUsageRewriter {
         }
     }
 
-    /// Takes the next upstream chunk; returns what can be sent now (possibly empty).
+    /// Takes the next upstream chunk; returns what can be sent now (possibly empty). A chunk of
+    /// whole lines without a usage object is passed on as the same buffer, without a copy.
     pub fn push(&mut self, chunk: Bytes) -> Bytes {
-        // The common case: whole lines, no usage object — passed on without a copy.
-        if self.partial.is_empty() && chunk.ends_with(b"\n") && !contains(&chunk, b"\"usage\"") {
-            return chunk;
-        }
         let Some(last_newline) = chunk.iter().rposition(|b| *b == b'\n') else {
             self.partial.extend_from_slice(&chunk);
             return Bytes::new();
         };
-        let mut complete = std::mem::take(&mut self.partial);
-        complete.extend_from_slice(&chunk[..=last_newline]);
+        let complete = if self.partial.is_empty() {
+            chunk.slice(..=last_newline)
+        } else {
+            let mut joined = std::mem::take(&mut self.partial);
+            joined.extend_from_slice(&chunk[..=last_newline]);
+            joined.freeze()
+        };
         self.partial.extend_from_slice(&chunk[last_newline + 1..]);
-        // Fast path: a chunk without a usage object goes out untouched.
-        if !contains(&complete, b"\"usage\"") {
-            return complete.freeze();
+        // Fast path: most chunks carry no usage object (`"usage":null` is common and untouched).
+        if !has_usage_object(&complete) {
+            return complete;
         }
         let mut out = BytesMut::with_capacity(complete.len() + 32);
         for line in complete.split_inclusive(|b| *b == b'\n') {
@@ -61,6 +63,11 @@ impl SseUsageRewriter {
         let (content, ending) = line.split_at(body_end);
         if let Some(json) = content.strip_prefix(b"data:") {
             let json = json.strip_prefix(b" ").unwrap_or(json);
+            // Only a line with a usage object is parsed; every other line is copied as is.
+            if !has_usage_object(json) {
+                out.extend_from_slice(line);
+                return;
+            }
             if let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(json) {
                 if rewrite_usage(&mut value, self.cached_tokens) {
                     out.extend_from_slice(b"data: ");
@@ -74,8 +81,18 @@ impl SseUsageRewriter {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// Whether some `"usage"` key is followed by an object (`"usage": {`), tolerating whitespace.
+fn has_usage_object(haystack: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut rest = haystack;
+    while let Some(i) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = &rest[i + KEY.len()..];
+        let mut after = rest.iter().skip_while(|b| b.is_ascii_whitespace());
+        if after.next() == Some(&b':') && after.find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            return true;
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -137,11 +154,26 @@ mod tests {
     #[test]
     fn lines_without_usage_are_not_held_back() {
         let mut r = SseUsageRewriter::new(7);
-        let first = r.push(Bytes::from_static(b"data: {\"a\":1}\n\ndata: {\"b\""));
-        assert_eq!(&first[..], b"data: {\"a\":1}\n\n");
+        assert_eq!(
+            &r.push(Bytes::from_static(b"data: {\"a\":1}\n\ndata: {\"b\""))[..],
+            b"data: {\"a\":1}\n\n"
+        );
         assert_eq!(
             &r.push(Bytes::from_static(b":2}\n\n"))[..],
             b"data: {\"b\":2}\n\n"
         );
+    }
+
+    #[test]
+    fn usage_null_lines_are_not_parsed_and_pass_without_a_copy() {
+        let mut r = SseUsageRewriter::new(7);
+        let chunk = Bytes::from_static(b"data: {\"choices\":[],\"usage\":null}\n\n");
+        let out = r.push(chunk.clone());
+        assert_eq!(out, chunk);
+        assert_eq!(out.as_ptr(), chunk.as_ptr());
+        let spaced = run(&[b"data: {\"usage\" :  {\"prompt_tokens\":1}}\n\n"]);
+        assert!(spaced.contains("\"cached_tokens\":7"), "{spaced}");
+        assert!(has_usage_object(b"x \"usage\":null, \"usage\":{}"));
+        assert!(!has_usage_object(b"\"usage\":null \"usage\""));
     }
 }
