@@ -40,6 +40,8 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
+    #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Plan(#[from] PlanError),
@@ -195,6 +197,12 @@ pub async fn run(up: Up) -> Result<(), DaemonError> {
     } = up;
     state::write_pid(&mut lock);
     let plan = dep.plan(scale)?;
+    // The proxy refuses to run open when its key is missing; say so before any engine starts.
+    if let Some(name) = &plan.proxy.api_key_env {
+        if std::env::var(name).map_or(true, |v| v.is_empty()) {
+            return Err(crate::proxy::ProxyError::ApiKeyEnv { name: name.clone() }.into());
+        }
+    }
     let listen = plan.proxy.listen.clone();
     // Bind before touching any engine: a busy port is reported at once, nothing to undo.
     let proxy_listener = tokio::net::TcpListener::bind(&listen)
@@ -232,12 +240,19 @@ pub async fn run(up: Up) -> Result<(), DaemonError> {
         ),
     );
     let proxy_stop = CancellationToken::new();
-    let proxy = tokio::spawn(crate::proxy::serve_embedded(
-        proxy_listener,
-        plan.proxy.clone(),
-        endpoints_rx,
-        proxy_stop.clone(),
-    ));
+    let proxy = {
+        let (stop, section, proxy_stop) = (stop.clone(), plan.proxy.clone(), proxy_stop.clone());
+        tokio::spawn(async move {
+            let r = crate::proxy::serve_embedded(proxy_listener, section, endpoints_rx, proxy_stop)
+                .await;
+            // A proxy that ends on its own leaves nothing to serve: take the engines down too.
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "the proxy stopped; going down");
+            }
+            stop.cancel();
+            r
+        })
+    };
     let api_stop = CancellationToken::new();
     let api_task = tokio::spawn(api::serve(control, ctl.clone(), api_stop.clone()));
 
