@@ -3,7 +3,10 @@
 # (non-streaming and streaming) against the decode backend directly, `pdctl proxy` (release),
 # vllm-router and sglang-router (PyPI, installed into a venv by ../shared/bench/peers.sh).
 # Prints req/s, p50, p99, proxy CPU µs/request and the ratios to vllm-router.
-#   scripts/bench-proxy.sh                SECS=10 CONNS=64 by default
+#   scripts/bench-proxy.sh                SECS=10 CONNS=64 ROUNDS=3 by default
+# Shared 2-core machines swing by 2x from minute to minute, so the whole comparison runs ROUNDS
+# times and the summary gives each figure's median and the median of the per-round ratios
+# (every ratio compares two figures taken minutes apart at most, never across rounds).
 #   BACKEND=sim scripts/bench-proxy.sh    use two `pdctl sim` engines instead of nginx
 # The default backend is ../shared/bench's fake vLLM on nginx (kv_transfer_params in every
 # reply), so the backend is never the bottleneck. Everything listens on 127.0.0.1 only.
@@ -42,10 +45,37 @@ PDCTL_LOG=warn "$PDCTL" proxy --listen 127.0.0.1:18004 \
     --prefill-policy round-robin --decode-policy round-robin >"$RUN/proxy.log" 2>&1 & pids+=($!)
 bash "$BENCH/peers.sh" start http://127.0.0.1:18100 http://127.0.0.1:18200
 for _ in $(seq 50); do curl -sf http://127.0.0.1:18004/health >/dev/null && break; sleep 0.1; done
-echo "== $(nproc) cores; backend ${BACKEND:-nginx}; SECS=${SECS:-10} CONNS=${CONNS:-64}"
-bash "$BENCH/compare.sh" pdctl=http://127.0.0.1:18004 | tee "$RUN/table.txt"
+ROUNDS=${ROUNDS:-3}
+echo "== $(nproc) cores; backend ${BACKEND:-nginx}; SECS=${SECS:-10} CONNS=${CONNS:-64} ROUNDS=$ROUNDS"
+for round in $(seq "$ROUNDS"); do
+    echo "-- round $round"
+    bash "$BENCH/compare.sh" pdctl=http://127.0.0.1:18004 | tee "$RUN/table.$round.txt"
+done
+echo "== medians over $ROUNDS rounds"
 # Lower p99 is better: pdctl's p99 as a fraction of vllm-router's.
-awk '$1=="vllm-router" {p[$2]=$5} $1=="pdctl" {q[$2]=$5}
-     function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
-     END { for (m in q) if (m in p) printf "pdctl/vllm-router %s p99 ratio: %.2f\n", m, ms(q[m])/ms(p[m]) }' \
-    "$RUN/table.txt"
+awk 'function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+     function median(list,   n, a, i, j, t) {
+         n = split(list, a, " ")
+         for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j+1] = a[j]; a[j+1] = t }
+         return n % 2 ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2
+     }
+     FNR == 1 { round++ }
+     $1 !~ /\// && ($2 == "cmpl" || $2 == "stream") {
+         key = $1 " " $2; if (!(key in seen)) { seen[key] = 1; order[++keys] = key }
+         rps[key] = rps[key] " " $3; p50[key] = p50[key] " " ms($4); p99[key] = p99[key] " " ms($5)
+         cpu[key] = cpu[key] " " $6; at[round, key] = $3 " " ms($5)
+     }
+     END {
+         printf "%-14s %-7s %10s %9s %9s %12s\n", "target", "mode", "req/s", "p50_ms", "p99_ms", "cpu_us/req"
+         for (k = 1; k <= keys; k++) { key = order[k]; split(key, t, " ")
+             printf "%-14s %-7s %10.0f %9.2f %9.2f %12.0f\n", t[1], t[2], median(rps[key]), median(p50[key]), median(p99[key]), median(cpu[key]) }
+         for (m = 1; m <= 2; m++) { mode = m == 1 ? "cmpl" : "stream"; tr = ""; pr = ""
+             for (r = 1; r <= round; r++) {
+                 if (!((r, "pdctl " mode) in at) || !((r, "vllm-router " mode) in at)) continue
+                 split(at[r, "pdctl " mode], a, " "); split(at[r, "vllm-router " mode], b, " ")
+                 if (b[1] > 0) tr = tr " " a[1] / b[1]; if (b[2] > 0) pr = pr " " a[2] / b[2]
+             }
+             if (tr != "") printf "pdctl/vllm-router %-6s throughput ratio %.2f (rounds:%s)\n", mode, median(tr), tr
+             if (pr != "") printf "pdctl/vllm-router %-6s p99 ratio        %.2f (rounds:%s)\n", mode, median(pr), pr
+         }
+     }' "$RUN"/table.*.txt

@@ -547,3 +547,52 @@ async fn client_disconnect_cancels_decode_stream() {
         .body;
     assert!(m.contains("pdctl_proxy_client_disconnects_total 1"), "{m}");
 }
+
+/// An engine that closes every connection after one answer, without saying so (as uvicorn does
+/// when its keep-alive timeout fires between requests): a pooled connection found dead before
+/// the request was written is replaced, so no request fails.
+#[tokio::test]
+async fn engine_closing_idle_connections_fails_no_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let engine = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let engine_url = format!("http://{}", engine.local_addr().unwrap());
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = engine.accept().await else {
+                return;
+            };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = br#"{"object":"list","data":[]}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+                let _ = conn.write_all(body).await;
+                counter.fetch_add(1, Ordering::SeqCst);
+                // Closed a moment later without `connection: close`, once the proxy has pooled
+                // the connection: it learns of it only from the socket.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            });
+        }
+    });
+    let px = proxy(fast(), &[&engine_url], &[&engine_url]).await;
+    let c = client();
+    for i in 0..30 {
+        let a = send(&c, "GET", &format!("{}/v1/models", px.url), &[], "").await;
+        assert_eq!(a.status, 200, "request {i}: {}", a.body);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(served.load(Ordering::SeqCst), 30);
+}

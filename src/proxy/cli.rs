@@ -47,7 +47,7 @@ pub struct PolicyArgs {
     /// Clients must send `Authorization: Bearer KEY`.
     #[arg(long, env = "PDCTL_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Worker threads (0 = one per core).
+    /// Worker threads, each with its own connections (0 = one per 4 cores, 1 to 4).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
 }
@@ -196,8 +196,9 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
         section,
         mode: Mode::Pools,
         api_key: args.policy.api_key,
+        workers: args.policy.workers,
     };
-    run(cfg, args.listen, sources, args.policy.workers)
+    run(cfg, args.listen, sources)
 }
 
 pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
@@ -253,21 +254,18 @@ pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
         section,
         mode: Mode::Sidecar { ssrf },
         api_key: args.policy.api_key,
+        workers: args.policy.workers,
     };
-    run(cfg, listen, sources, args.policy.workers)
+    run(cfg, listen, sources)
 }
 
-fn run(cfg: Config, listen: SocketAddr, sources: Sources, workers: usize) -> ExitCode {
-    // One worker: a current-thread runtime, so no request ever hops between threads.
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    if workers > 1 {
-        builder.worker_threads(workers);
-    }
-    let runtime = match builder.enable_all().build() {
+fn run(cfg: Config, listen: SocketAddr, sources: Sources) -> ExitCode {
+    // This runtime only binds, resolves and waits for signals: requests run on the proxy's own
+    // worker threads (see `serve`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };

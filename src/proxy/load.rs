@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request};
+use http::{header, HeaderValue, Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
 use tokio_util::sync::CancellationToken;
 
@@ -32,13 +32,14 @@ pub async fn scrape_forever(proxy: Arc<Proxy>, shutdown: CancellationToken) {
 }
 
 async fn fetch(proxy: &Proxy, upstream: &Upstream) -> Option<String> {
-    let uri = format!("http://{}/metrics", upstream.authority)
-        .parse()
-        .ok()?;
     let mut request = Request::new(Full::new(Bytes::new()));
     *request.method_mut() = Method::GET;
-    *request.uri_mut() = uri;
-    let response = tokio::time::timeout(PERIOD, proxy.client.request(request))
+    *request.uri_mut() = Uri::from_static("/metrics");
+    request.headers_mut().insert(
+        header::HOST,
+        HeaderValue::from_str(&upstream.authority).ok()?,
+    );
+    let response = tokio::time::timeout(PERIOD, proxy.client.request(&upstream.authority, request))
         .await
         .ok()?
         .ok()?;

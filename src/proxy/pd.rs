@@ -7,22 +7,25 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
-use http_body_util::BodyExt;
-use serde_json::{Map, Value};
+use http_body_util::{BodyExt, Limited};
 
 use crate::plan::Role;
 use crate::spec::proxy::{PickPolicy, PrefillFailurePolicy};
 
 use super::endpoints::Endpoint;
+use super::json::Object;
 use super::metrics::PathTaken;
-use super::pick::Upstream;
+use super::pick::{InFlight, Upstream};
 use super::relay::Rewrite;
 use super::rewrite::{
-    decode_body, estimate_prompt_tokens, prefill_body, prefix_key, read_prefill, Api, PrefillResult,
+    decode_body, estimate_prompt_tokens, prefill_body, prefix_key, read_prefill, rewrite_json_body,
+    Api, PrefillResult,
 };
-use super::server::{client_request_id, error, relay, respond, Body, Mode, Proxy};
+use super::server::{client_request_id, error, full, relay, respond, Body, Mode, Proxy};
 use super::sse::SseUsageRewriter;
-use super::upstream::{self, Failure, PREFILLER_HEADER};
+use super::upstream::{
+    self, clean_response_headers, Failure, PooledBody, UpstreamClient, PREFILLER_HEADER,
+};
 
 /// Response header naming the path a request took: `pd`, `decode_only` or `fallback`.
 pub const PATH_HEADER: &str = "x-pdctl-path";
@@ -61,15 +64,16 @@ enum Prefilled {
 
 pub async fn handle(
     proxy: Arc<Proxy>,
+    client_pool: &UpstreamClient,
     parts: Parts,
     body: Bytes,
     api: Api,
     start: Instant,
 ) -> Response<Body> {
     let route = route_name(api);
-    let client = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(map)) => map,
-        _ => {
+    let client = match Object::parse(&body) {
+        Ok(object) => object,
+        Err(_) => {
             proxy.count(route, StatusCode::BAD_REQUEST, PathTaken::Local);
             return error(
                 StatusCode::BAD_REQUEST,
@@ -93,6 +97,7 @@ pub async fn handle(
         Choice::DecodeOnly => {
             return to_decode(
                 proxy,
+                client_pool,
                 &parts,
                 body,
                 &request_id,
@@ -106,15 +111,26 @@ pub async fn handle(
         }
     };
     let prefill = Bytes::from(prefill_body(&client, api));
-    match run_prefill(&proxy, &parts, prefill, &request_id, first, route).await {
+    match run_prefill(
+        &proxy,
+        client_pool,
+        &parts,
+        prefill,
+        &request_id,
+        first,
+        route,
+    )
+    .await
+    {
         Prefilled::Ok(result) => {
-            if result.kv_transfer_params.is_null() {
+            if result.kv_transfer_params.is_none() {
                 tracing::warn!(%request_id, "prefill returned no kv_transfer_params; the decode will recompute the prompt");
             }
-            let decode = Bytes::from(decode_body(&client, &result.kv_transfer_params));
+            let decode = Bytes::from(decode_body(&client, result.kv_transfer_params.as_deref()));
             let cached = Some(result.cached_tokens);
             to_decode(
                 proxy,
+                client_pool,
                 &parts,
                 decode,
                 &request_id,
@@ -127,6 +143,7 @@ pub async fn handle(
             tracing::warn!(%request_id, "prefill leg failed; serving decode-only (fallback policy)");
             to_decode(
                 proxy,
+                client_pool,
                 &parts,
                 body,
                 &request_id,
@@ -142,12 +159,7 @@ pub async fn handle(
     }
 }
 
-fn choose_prefill(
-    proxy: &Proxy,
-    headers: &HeaderMap,
-    client: &Map<String, Value>,
-    api: Api,
-) -> Choice {
+fn choose_prefill(proxy: &Proxy, headers: &HeaderMap, client: &Object<'_>, api: Api) -> Choice {
     let threshold = u64::from(proxy.cfg.section.pd_threshold_tokens);
     if threshold > 0 && estimate_prompt_tokens(client, api) < threshold {
         return Choice::DecodeOnly;
@@ -229,6 +241,7 @@ fn retryable(status: StatusCode) -> bool {
 
 async fn run_prefill(
     proxy: &Arc<Proxy>,
+    client: &UpstreamClient,
     parts: &Parts,
     body: Bytes,
     request_id: &str,
@@ -272,7 +285,8 @@ async fn run_prefill(
             body.clone(),
         );
         let exchange = async {
-            let response = upstream::send(&proxy.client, request, section.prefill_timeout).await?;
+            let response =
+                upstream::send(client, &target.authority, request, section.prefill_timeout).await?;
             let (head, body) = response.into_parts();
             let bytes = body
                 .collect()
@@ -295,9 +309,9 @@ async fn run_prefill(
                 last = LastFailure::Transport(failure);
             }
             Ok((status, _, bytes)) if status.is_success() => {
-                return match serde_json::from_slice::<Value>(&bytes) {
-                    Ok(answer) => Prefilled::Ok(read_prefill(&answer)),
-                    Err(_) => {
+                return match read_prefill(&bytes) {
+                    Some(answer) => Prefilled::Ok(answer),
+                    None => {
                         proxy.metrics.error("prefill", "bad_response");
                         Prefilled::Respond(error(
                             StatusCode::BAD_REQUEST,
@@ -359,6 +373,7 @@ fn mark(headers: &mut HeaderMap, request_id: &str, path: PathTaken) {
 /// is replaced by another ready one: nothing has reached the client yet.
 pub async fn to_decode(
     proxy: Arc<Proxy>,
+    client: &UpstreamClient,
     parts: &Parts,
     body: Bytes,
     request_id: &str,
@@ -390,19 +405,28 @@ pub async fn to_decode(
             request_id,
             body.clone(),
         );
-        match upstream::send(&proxy.client, request, timeout).await {
+        match upstream::send(client, &target.authority, request, timeout).await {
             Ok(answer) => {
                 proxy
                     .metrics
                     .first_byte_seconds
                     .observe(leg.start.elapsed().as_secs_f64());
                 let status = answer.status();
-                proxy.count(leg.route, status, leg.path);
-                let rewrite = match leg.cached_tokens {
-                    Some(cached) if status.is_success() => rewrite_for(answer.headers(), cached),
-                    _ => Rewrite::None,
+                let cached = leg.cached_tokens.filter(|_| status.is_success());
+                let rewrite_json = cached.filter(|_| is_json(answer.headers()));
+                let mut response = match answer_kind(answer.headers(), rewrite_json.is_some()) {
+                    Answer::Json => buffered(&proxy, answer, rewrite_json, &leg, in_flight).await,
+                    Answer::Stream => {
+                        let rewrite = match cached {
+                            Some(cached) if is_event_stream(answer.headers()) => {
+                                Rewrite::Sse(SseUsageRewriter::new(cached))
+                            }
+                            _ => Rewrite::None,
+                        };
+                        proxy.count(leg.route, status, leg.path);
+                        relay(&proxy, answer, rewrite, leg.start, vec![in_flight])
+                    }
                 };
-                let mut response = relay(&proxy, answer, rewrite, leg.start, vec![in_flight]);
                 mark(response.headers_mut(), request_id, leg.path);
                 return response;
             }
@@ -432,21 +456,84 @@ pub async fn to_decode(
     }
 }
 
-fn rewrite_for(headers: &HeaderMap, cached_tokens: u64) -> Rewrite {
-    let content_type = headers
+/// Answers bigger than this, or of unknown length, are relayed frame by frame...
+const MAX_BUFFERED: u64 = 1 << 20;
+/// ...unless their usage must be rewritten, which needs the whole JSON document.
+const MAX_REWRITTEN: usize = 64 << 20;
+
+enum Answer {
+    /// Complete only at its end and small (a non-streaming completion): collected, rewritten
+    /// once and sent with its head in one write.
+    Json,
+    /// Relayed as it arrives, never held back.
+    Stream,
+}
+
+fn answer_kind(headers: &HeaderMap, rewrite_json: bool) -> Answer {
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match length {
+        _ if rewrite_json => Answer::Json,
+        Some(n) if n <= MAX_BUFFERED && !is_event_stream(headers) => Answer::Json,
+        _ => Answer::Stream,
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> &str {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if content_type.starts_with("text/event-stream") {
-        Rewrite::Sse(SseUsageRewriter::new(cached_tokens))
-    } else if content_type.starts_with("application/json") {
-        Rewrite::Json {
-            cached_tokens,
-            buf: bytes::BytesMut::new(),
+        .unwrap_or("")
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    content_type(headers).starts_with("application/json")
+}
+
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    content_type(headers).starts_with("text/event-stream")
+}
+
+/// Collects a complete answer, rewrites its usage when `cached` is set, and answers with a fixed
+/// length. A decode that breaks off mid-body is a 502 instead of a truncated answer.
+async fn buffered(
+    proxy: &Arc<Proxy>,
+    answer: Response<PooledBody>,
+    cached: Option<u64>,
+    leg: &DecodeLeg,
+    in_flight: InFlight,
+) -> Response<Body> {
+    let (mut parts, body) = answer.into_parts();
+    let bytes = match Limited::new(body, MAX_REWRITTEN).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            proxy.metrics.error("decode", "transport");
+            proxy.count(leg.route, StatusCode::BAD_GATEWAY, leg.path);
+            return error(
+                StatusCode::BAD_GATEWAY,
+                "the decode engine's answer broke off",
+            );
         }
-    } else {
-        Rewrite::None
-    }
+    };
+    drop(in_flight);
+    let bytes = match cached {
+        Some(cached) => rewrite_json_body(&bytes, cached)
+            .map(Bytes::from)
+            .unwrap_or(bytes),
+        None => bytes,
+    };
+    clean_response_headers(&mut parts.headers);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    proxy.count(leg.route, parts.status, leg.path);
+    proxy
+        .metrics
+        .request_seconds
+        .observe(leg.start.elapsed().as_secs_f64());
+    Response::from_parts(parts, full(bytes))
 }
 
 #[cfg(test)]

@@ -7,22 +7,17 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
 
 use super::pick::InFlight;
-use super::rewrite::rewrite_json_body;
 use super::server::{BoxError, Proxy};
 use super::sse::SseUsageRewriter;
+use super::upstream::PooledBody;
 
 pub enum Rewrite {
     None,
     Sse(SseUsageRewriter),
-    /// A non-streaming JSON answer is small and complete only at its end: collect, rewrite once.
-    Json {
-        cached_tokens: u64,
-        buf: BytesMut,
-    },
 }
 
 /// Ends a request's accounting: latency when it completes, a disconnect when dropped before.
@@ -47,14 +42,14 @@ impl Drop for Finish {
 }
 
 pub struct Relay {
-    inner: Incoming,
+    inner: PooledBody,
     rewrite: Rewrite,
     finish: Option<Finish>,
     ended: bool,
 }
 
 impl Relay {
-    pub fn new(inner: Incoming, rewrite: Rewrite, finish: Finish) -> Self {
+    pub fn new(inner: PooledBody, rewrite: Rewrite, finish: Finish) -> Self {
         Relay {
             inner,
             rewrite,
@@ -92,10 +87,6 @@ impl Body for Relay {
                     let out = match &mut this.rewrite {
                         Rewrite::None => data,
                         Rewrite::Sse(rewriter) => rewriter.push(data),
-                        Rewrite::Json { buf, .. } => {
-                            buf.extend_from_slice(&data);
-                            continue;
-                        }
                     };
                     if out.is_empty() {
                         continue;
@@ -111,12 +102,6 @@ impl Body for Relay {
                     let rest = match &mut this.rewrite {
                         Rewrite::None => Bytes::new(),
                         Rewrite::Sse(rewriter) => rewriter.finish(),
-                        Rewrite::Json { cached_tokens, buf } => {
-                            let body = std::mem::take(buf).freeze();
-                            rewrite_json_body(&body, *cached_tokens)
-                                .map(Bytes::from)
-                                .unwrap_or(body)
-                        }
                     };
                     this.complete();
                     if rest.is_empty() {

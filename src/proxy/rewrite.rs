@@ -1,7 +1,10 @@
 //! The NIXL-v2 request shapes (protocol.md §5), as pure functions over the client's JSON body.
-//! Unknown fields are preserved in order (serde_json's `preserve_order`).
+//! Unknown fields are preserved in order and byte for byte: only the patched top-level fields
+//! are written anew (see `json.rs`).
 
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use super::json::{self, Object, Patch};
 
 /// The OpenAI-style APIs that take the P/D path; they differ in their token-limit fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,157 +33,135 @@ impl Api {
     }
 }
 
+/// The fixed params of a prefill request, with the keys present as JSON nulls (vLLM and llm-d's
+/// mocks check for them).
+const PREFILL_KV_PARAMS: &str = concat!(
+    r#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"#,
+    r#""remote_block_ids":null,"remote_host":null,"remote_port":null}"#
+);
+
 /// The prefill leg's body: one token, not streamed, KV kept for a remote decode. Beyond llm-d,
 /// `ignore_eos` and no stop conditions, so a one-token prefill that hits EOS still returns
 /// `kv_transfer_params` instead of making the decode recompute the prompt silently.
-pub fn prefill_body(client: &Map<String, Value>, api: Api) -> Vec<u8> {
-    let one = Value::from(1u8);
-    let no = Value::Bool(false);
-    let yes = Value::Bool(true);
+pub fn prefill_body(client: &Object<'_>, api: Api) -> Vec<u8> {
     let mut patch: Vec<Patch<'_>> = Vec::with_capacity(9);
     patch.extend([
-        ("kv_transfer_params", Some(prefill_kv_params())),
-        ("stream", Some(&no)),
+        ("kv_transfer_params", Some(PREFILL_KV_PARAMS)),
+        ("stream", Some("false")),
         ("stream_options", None),
     ]);
-    patch.extend(api.token_limits().iter().map(|limit| (*limit, Some(&one))));
+    patch.extend(api.token_limits().iter().map(|limit| (*limit, Some("1"))));
     if api != Api::Responses {
         patch.extend([
-            ("ignore_eos", Some(&yes)),
+            ("ignore_eos", Some("true")),
             ("stop", None),
             ("stop_token_ids", None),
         ]);
     }
-    write_patched(client, &patch)
+    client.patched(&patch)
 }
 
-/// The decode leg's body: the client's own request plus the prefill's params, verbatim.
-pub fn decode_body(client: &Map<String, Value>, kv_transfer_params: &Value) -> Vec<u8> {
-    write_patched(client, &[("kv_transfer_params", Some(kv_transfer_params))])
-}
-
-/// The fixed params of a prefill request, with the keys present as JSON nulls (vLLM and llm-d's
-/// mocks check for them).
-fn prefill_kv_params() -> &'static Value {
-    static KV: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
-    KV.get_or_init(|| {
-        serde_json::json!({
-            "do_remote_decode": true,
-            "do_remote_prefill": false,
-            "remote_engine_id": null,
-            "remote_block_ids": null,
-            "remote_host": null,
-            "remote_port": null,
-        })
-    })
-}
-
-/// A top-level key replaced or appended (`Some`) or removed (`None`).
-type Patch<'a> = (&'static str, Option<&'a Value>);
-
-/// Serializes the client's object with a few top-level keys patched, without cloning it: the
-/// client's keys in their order, then the added ones.
-fn write_patched(base: &Map<String, Value>, patch: &[Patch<'_>]) -> Vec<u8> {
-    use serde::ser::{Serialize, SerializeMap, Serializer};
-    struct Patched<'a>(&'a Map<String, Value>, &'a [Patch<'a>]);
-    impl Serialize for Patched<'_> {
-        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let mut m = s.serialize_map(None)?;
-            for (k, v) in self.0 {
-                match self.1.iter().find(|(pk, _)| *pk == k) {
-                    Some((_, Some(pv))) => m.serialize_entry(k, pv)?,
-                    Some((_, None)) => {}
-                    None => m.serialize_entry(k, v)?,
-                }
-            }
-            for (pk, pv) in self.1 {
-                if let Some(pv) = pv {
-                    if !self.0.contains_key(*pk) {
-                        m.serialize_entry(pk, pv)?;
-                    }
-                }
-            }
-            m.end()
-        }
-    }
-    let mut out = Vec::with_capacity(512);
-    serde_json::to_writer(&mut out, &Patched(base, patch)).expect("JSON values serialize");
-    out
+/// The decode leg's body: the client's own request plus the prefill's params, verbatim (`None`:
+/// the prefill returned none, sent as `null`).
+pub fn decode_body(client: &Object<'_>, kv_transfer_params: Option<&str>) -> Vec<u8> {
+    client.patched(&[(
+        "kv_transfer_params",
+        Some(kv_transfer_params.unwrap_or("null")),
+    )])
 }
 
 /// What the decode needs from a successful prefill answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrefillResult {
-    /// `null` when the prefill returned none (the decode then recomputes; logged).
-    pub kv_transfer_params: Value,
+    /// The params exactly as the prefill wrote them; `None` when it returned none or `null` (the
+    /// decode then recomputes; logged).
+    pub kv_transfer_params: Option<String>,
     /// The prefill's `usage.prompt_tokens_details.cached_tokens` (0 when absent), which is what
     /// the client should see instead of the decode's near-total count.
     pub cached_tokens: u64,
 }
 
-pub fn read_prefill(answer: &Value) -> PrefillResult {
-    PrefillResult {
-        kv_transfer_params: answer
-            .get("kv_transfer_params")
-            .cloned()
-            .unwrap_or(Value::Null),
-        cached_tokens: answer
-            .pointer("/usage/prompt_tokens_details/cached_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-    }
-}
-
-/// Sets `usage.prompt_tokens_details.cached_tokens`, creating the details object if missing.
-/// Returns whether the value had a `usage` object.
-pub fn rewrite_usage(value: &mut Value, cached_tokens: u64) -> bool {
-    let Some(usage) = value.get_mut("usage").and_then(Value::as_object_mut) else {
-        return false;
+/// Reads a prefill answer; `None` when it is not JSON at all. Valid JSON that is not an object
+/// carries no params.
+pub fn read_prefill(answer: &[u8]) -> Option<PrefillResult> {
+    let Ok(object) = Object::parse(answer) else {
+        return serde_json::from_slice::<serde::de::IgnoredAny>(answer)
+            .is_ok()
+            .then_some(PrefillResult {
+                kv_transfer_params: None,
+                cached_tokens: 0,
+            });
     };
-    let details = usage
-        .entry("prompt_tokens_details")
-        .or_insert_with(|| Value::Object(Map::new()));
-    if !details.is_object() {
-        *details = Value::Object(Map::new());
-    }
-    details
-        .as_object_mut()
-        .expect("made an object above")
-        .insert("cached_tokens".into(), Value::from(cached_tokens));
-    true
+    let cached_tokens = object
+        .get("usage")
+        .and_then(Object::parse_raw)
+        .and_then(|usage| usage.get("prompt_tokens_details"))
+        .and_then(Object::parse_raw)
+        .and_then(|details| details.get("cached_tokens"))
+        .and_then(|n| n.get().parse::<u64>().ok())
+        .unwrap_or(0);
+    Some(PrefillResult {
+        kv_transfer_params: object
+            .get("kv_transfer_params")
+            .filter(|raw| !json::is_null(raw))
+            .map(|raw| raw.get().to_string()),
+        cached_tokens,
+    })
 }
 
-/// Rewrites a whole JSON body; bodies that are not JSON objects with `usage` pass unchanged.
+/// Sets `usage.prompt_tokens_details.cached_tokens` in a JSON object's text, creating the details
+/// object if missing or not an object; every other byte is kept. `None` when the body is not a
+/// JSON object with a `usage` object (it then passes unchanged).
 pub fn rewrite_json_body(body: &[u8], cached_tokens: u64) -> Option<Vec<u8>> {
-    let mut value: Value = serde_json::from_slice(body).ok()?;
-    rewrite_usage(&mut value, cached_tokens).then(|| value.to_string().into_bytes())
+    let object = Object::parse(body).ok()?;
+    let usage = Object::parse_raw(object.get("usage")?)?;
+    let cached = cached_tokens.to_string();
+    let details = match usage
+        .get("prompt_tokens_details")
+        .and_then(Object::parse_raw)
+    {
+        Some(details) => details.patched(&[("cached_tokens", Some(&cached))]),
+        None => format!(r#"{{"cached_tokens":{cached}}}"#).into_bytes(),
+    };
+    let details = String::from_utf8(details).expect("patched JSON text stays UTF-8");
+    let usage = usage.patched(&[("prompt_tokens_details", Some(&details))]);
+    let usage = String::from_utf8(usage).expect("patched JSON text stays UTF-8");
+    Some(object.patched(&[("usage", Some(&usage))]))
+}
+
+/// A top-level field parsed as a tree, for the rare paths that need one.
+fn tree(body: &Object<'_>, key: &str) -> Option<Value> {
+    serde_json::from_str(body.get(key)?.get()).ok()
+}
+
+/// The length a string field counts for: its characters; any other value, its compact JSON.
+fn text_len(body: &Object<'_>, key: &str) -> usize {
+    match body.get(key) {
+        None => 0,
+        Some(raw) => match json::as_str(raw) {
+            Some(s) => s.chars().count(),
+            None => tree(body, key).map_or(0, |v| v.to_string().len()),
+        },
+    }
 }
 
 /// Estimated prompt tokens (characters / 4) for the selective-disaggregation threshold; for chat
 /// the JSON of `messages`, as llm-d's decider does.
-pub fn estimate_prompt_tokens(body: &Map<String, Value>, api: Api) -> u64 {
+pub fn estimate_prompt_tokens(body: &Object<'_>, api: Api) -> u64 {
     let chars = match api {
-        Api::Completions => match body.get("prompt") {
-            Some(Value::String(s)) => s.chars().count(),
-            Some(other) => other.to_string().len(),
-            None => 0,
-        },
-        Api::Chat => body.get("messages").map_or(0, |m| m.to_string().len()),
-        Api::Responses => match body.get("input") {
-            Some(Value::String(s)) => s.chars().count(),
-            Some(other) => other.to_string().len(),
-            None => 0,
-        },
+        Api::Completions => text_len(body, "prompt"),
+        Api::Chat => tree(body, "messages").map_or(0, |m| m.to_string().len()),
+        Api::Responses => text_len(body, "input"),
     };
     (chars as u64).div_ceil(4)
 }
 
 /// The text that identifies a prompt's prefix, for decode prefix affinity.
-pub fn prefix_key(body: &Map<String, Value>, api: Api, chars: usize) -> Option<u64> {
+pub fn prefix_key(body: &Object<'_>, api: Api, chars: usize) -> Option<u64> {
     let text = match api {
-        Api::Completions => body.get("prompt")?.as_str().map(str::to_string)?,
-        Api::Chat => body.get("messages")?.to_string(),
-        Api::Responses => body.get("input")?.to_string(),
+        Api::Completions => json::as_str(body.get("prompt")?)?.into_owned(),
+        Api::Chat => tree(body, "messages")?.to_string(),
+        Api::Responses => tree(body, "input")?.to_string(),
     };
     let prefix: String = text.chars().take(chars).collect();
     Some(fnv1a(prefix.as_bytes()))
@@ -197,12 +178,16 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn map(v: Value) -> Map<String, Value> {
-        v.as_object().unwrap().clone()
+    /// A client body as the proxy sees it (leaked: tests only).
+    fn map(v: Value) -> Object<'static> {
+        Object::parse(Box::leak(v.to_string().into_boxed_str()).as_bytes()).unwrap()
     }
 
-    fn parsed(b: Vec<u8>) -> Map<String, Value> {
-        map(serde_json::from_slice(&b).unwrap())
+    fn parsed(b: Vec<u8>) -> serde_json::Map<String, Value> {
+        match serde_json::from_slice(&b).unwrap() {
+            Value::Object(m) => m,
+            other => panic!("not an object: {other}"),
+        }
     }
 
     #[test]
@@ -237,7 +222,7 @@ mod tests {
             p.starts_with(r#"{"z":1,"model":"m","max_tokens":1,"a":[null],"kv_transfer_params":{"#),
             "{p}"
         );
-        let d = String::from_utf8(decode_body(&client, &json!({"x": 1}))).unwrap();
+        let d = String::from_utf8(decode_body(&client, Some(r#"{"x":1}"#))).unwrap();
         assert_eq!(
             d,
             r#"{"z":1,"model":"m","max_tokens":9,"a":[null],"kv_transfer_params":{"x":1}}"#
@@ -249,12 +234,12 @@ mod tests {
         let client =
             map(json!({"prompt": "p", "max_tokens": 100, "min_tokens": 5, "stream": true}));
         let params = json!({"remote_block_ids": [1, 2], "remote_engine_id": "e", "extra": "kept"});
-        let d = parsed(decode_body(&client, &params));
+        let d = parsed(decode_body(&client, Some(&params.to_string())));
         assert_eq!(d["max_tokens"], 100);
         assert_eq!(d["min_tokens"], 5);
         assert_eq!(d["stream"], true);
         assert_eq!(d["kv_transfer_params"], params);
-        let bare = parsed(decode_body(&map(json!({"prompt": "p"})), &Value::Null));
+        let bare = parsed(decode_body(&map(json!({"prompt": "p"})), None));
         assert!(!bare.contains_key("max_completion_tokens") && !bare.contains_key("max_tokens"));
         assert!(!bare.contains_key("stream"));
         assert_eq!(bare["kv_transfer_params"], Value::Null);
@@ -270,20 +255,32 @@ mod tests {
         assert_eq!(p["max_output_tokens"], 1);
         assert_eq!(p["stream"], false);
         assert!(!p.contains_key("max_tokens"));
-        let d = parsed(decode_body(&client, &json!({})));
+        let d = parsed(decode_body(&client, Some("{}")));
         assert_eq!(d["max_output_tokens"], 50);
         assert_eq!(d["stream"], true);
     }
 
     #[test]
     fn prefill_answer_without_params_or_usage() {
-        let r = read_prefill(&json!({"usage": {"prompt_tokens_details": {}}}));
-        assert_eq!(r.kv_transfer_params, Value::Null);
+        let r = read_prefill(br#"{"usage": {"prompt_tokens_details": {}}}"#).unwrap();
+        assert_eq!(r.kv_transfer_params, None);
         assert_eq!(r.cached_tokens, 0);
-        let r = read_prefill(&json!({"kv_transfer_params": {"a": 1},
-                                     "usage": {"prompt_tokens_details": {"cached_tokens": 7}}}));
+        let r = read_prefill(
+            br#"{"kv_transfer_params": {"a": 1,  "b":[ 2]},
+                 "usage": {"prompt_tokens_details": {"cached_tokens": 7}}}"#,
+        )
+        .unwrap();
         assert_eq!(r.cached_tokens, 7);
-        assert_eq!(r.kv_transfer_params, json!({"a": 1}));
+        assert_eq!(
+            r.kv_transfer_params.as_deref(),
+            Some(r#"{"a": 1,  "b":[ 2]}"#),
+            "verbatim"
+        );
+        let r = read_prefill(br#"{"kv_transfer_params": null, "usage": null}"#).unwrap();
+        assert_eq!((r.kv_transfer_params, r.cached_tokens), (None, 0));
+        let r = read_prefill(b"[1]").unwrap();
+        assert_eq!((r.kv_transfer_params, r.cached_tokens), (None, 0));
+        assert_eq!(read_prefill(b"<html>"), None);
     }
 
     #[test]
@@ -294,13 +291,25 @@ mod tests {
             json!({"prompt_tokens": 1}),
             json!({"prompt_tokens": 1, "prompt_tokens_details": null}),
         ] {
-            let mut v = json!({"choices": [], "usage": usage});
-            assert!(rewrite_usage(&mut v, 7));
+            let body = json!({"choices": [], "usage": usage}).to_string();
+            let v: Value =
+                serde_json::from_slice(&rewrite_json_body(body.as_bytes(), 7).unwrap()).unwrap();
             assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 7);
+            assert_eq!(v["usage"]["prompt_tokens"], 1);
+            assert_eq!(v["choices"], json!([]));
         }
-        let mut v = json!({"choices": []});
-        assert!(!rewrite_usage(&mut v, 7));
+        assert_eq!(rewrite_json_body(br#"{"choices": []}"#, 7), None);
+        assert_eq!(rewrite_json_body(br#"{"usage": null}"#, 7), None);
         assert_eq!(rewrite_json_body(b"not json", 7), None);
+        let out = rewrite_json_body(
+            br#"{"id": "x", "usage": {"total_tokens": 3, "prompt_tokens_details": {"cached_tokens": 49, "audio": 0}}, "z": 1.50}"#,
+            7,
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"id":"x","usage":{"total_tokens":3,"prompt_tokens_details":{"cached_tokens":7,"audio":0}},"z":1.50}"#
+        );
         let out = rewrite_json_body(
             br#"{"usage":{"prompt_tokens_details":{"cached_tokens":49}}}"#,
             0,
@@ -318,11 +327,14 @@ mod tests {
             2
         );
         assert_eq!(estimate_prompt_tokens(&map(json!({})), Api::Completions), 0);
-        let chat = map(json!({"messages": [{"role": "user", "content": "hi"}]}));
+        let messages = json!([{"role": "user", "content": "hi"}]);
+        let chat = map(json!({ "messages": messages }));
         assert_eq!(
             estimate_prompt_tokens(&chat, Api::Chat),
-            (chat["messages"].to_string().len() as u64).div_ceil(4)
+            (messages.to_string().len() as u64).div_ceil(4)
         );
+        let spaced = Object::parse(br#"{"prompt": [1,  2]}"#).unwrap();
+        assert_eq!(estimate_prompt_tokens(&spaced, Api::Completions), 2);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use super::rewrite::rewrite_usage;
+use super::rewrite::rewrite_json_body;
 
 pub struct SseUsageRewriter {
     cached_tokens: u64,
@@ -35,11 +35,14 @@ impl SseUsageRewriter {
         };
         self.partial.extend_from_slice(&chunk[last_newline + 1..]);
         // Fast path: most chunks carry no usage object (`"usage":null` is common and untouched).
-        if !has_usage_object(&complete) {
+        let Some(found) = find_usage_object(&complete) else {
             return complete;
-        }
+        };
+        // Lines before the one with the usage object are copied as they are.
+        let line_start = memchr::memrchr(b'\n', &complete[..found]).map_or(0, |i| i + 1);
         let mut out = BytesMut::with_capacity(complete.len() + 32);
-        for line in complete.split_inclusive(|b| *b == b'\n') {
+        out.extend_from_slice(&complete[..line_start]);
+        for line in complete[line_start..].split_inclusive(|b| *b == b'\n') {
             self.rewrite_line(line, &mut out);
         }
         out.freeze()
@@ -68,13 +71,11 @@ impl SseUsageRewriter {
                 out.extend_from_slice(line);
                 return;
             }
-            if let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(json) {
-                if rewrite_usage(&mut value, self.cached_tokens) {
-                    out.extend_from_slice(b"data: ");
-                    out.extend_from_slice(value.to_string().as_bytes());
-                    out.extend_from_slice(ending);
-                    return;
-                }
+            if let Some(rewritten) = rewrite_json_body(json, self.cached_tokens) {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(&rewritten);
+                out.extend_from_slice(ending);
+                return;
             }
         }
         out.extend_from_slice(line);
@@ -83,16 +84,19 @@ impl SseUsageRewriter {
 
 /// Whether some `"usage"` key is followed by an object (`"usage": {`), tolerating whitespace.
 fn has_usage_object(haystack: &[u8]) -> bool {
+    find_usage_object(haystack).is_some()
+}
+
+/// Where the first `"usage"` key followed by an object starts. The scan is SIMD (memchr): it runs
+/// over every streamed byte.
+fn find_usage_object(haystack: &[u8]) -> Option<usize> {
     const KEY: &[u8] = b"\"usage\"";
-    let mut rest = haystack;
-    while let Some(i) = rest.windows(KEY.len()).position(|w| w == KEY) {
-        rest = &rest[i + KEY.len()..];
-        let mut after = rest.iter().skip_while(|b| b.is_ascii_whitespace());
-        if after.next() == Some(&b':') && after.find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
-            return true;
-        }
-    }
-    false
+    memchr::memmem::find_iter(haystack, KEY).find(|&at| {
+        let mut after = haystack[at + KEY.len()..]
+            .iter()
+            .skip_while(|b| b.is_ascii_whitespace());
+        after.next() == Some(&b':') && after.find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+    })
 }
 
 #[cfg(test)]
