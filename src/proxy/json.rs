@@ -5,6 +5,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -106,6 +107,104 @@ fn write_key(out: &mut Vec<u8>, key: &str) {
         out.push(b'"');
     } else {
         serde_json::to_writer(&mut *out, key).expect("a string serializes");
+    }
+}
+
+/// Where the values of `keys` lie among a JSON object's top-level members (the last one wins for
+/// a repeated key), found by a structural scan: strings, escapes and nesting are tracked, the
+/// bytes in between are not validated. For engine answers only: the values acted on are then
+/// parsed, and thereby validated, on their own; the rest passes on as unchanged as any proxied
+/// body. `None` when `doc` is not shaped like one object.
+pub fn find_members<const N: usize>(
+    doc: &[u8],
+    keys: [&str; N],
+) -> Option<[Option<Range<usize>>; N]> {
+    let mut found: [Option<Range<usize>>; N] = std::array::from_fn(|_| None);
+    let mut at = skip_space(doc, 0);
+    if doc.get(at) != Some(&b'{') {
+        return None;
+    }
+    at = skip_space(doc, at + 1);
+    if doc.get(at) == Some(&b'}') {
+        return (skip_space(doc, at + 1) == doc.len()).then_some(found);
+    }
+    loop {
+        if doc.get(at) != Some(&b'"') {
+            return None;
+        }
+        let key_end = string_end(doc, at + 1)?;
+        let key = &doc[at + 1..key_end - 1];
+        at = skip_space(doc, key_end);
+        if doc.get(at) != Some(&b':') {
+            return None;
+        }
+        let value_start = skip_space(doc, at + 1);
+        let value_end = value_end(doc, value_start)?;
+        if let Some(slot) = keys.iter().position(|k| k.as_bytes() == key) {
+            found[slot] = Some(value_start..value_end);
+        }
+        at = skip_space(doc, value_end);
+        match doc.get(at) {
+            Some(b',') => at = skip_space(doc, at + 1),
+            Some(b'}') => {
+                return (skip_space(doc, at + 1) == doc.len()).then_some(found);
+            }
+            _ => return None,
+        }
+    }
+}
+
+fn skip_space(doc: &[u8], mut at: usize) -> usize {
+    while matches!(doc.get(at), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        at += 1;
+    }
+    at
+}
+
+/// The index just past the closing quote of a string whose content starts at `at`.
+fn string_end(doc: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        at += memchr::memchr2(b'"', b'\\', doc.get(at..)?)?;
+        if doc[at] == b'"' {
+            return Some(at + 1);
+        }
+        at += 2;
+    }
+}
+
+/// The index just past the value starting at `at`.
+fn value_end(doc: &[u8], at: usize) -> Option<usize> {
+    match doc.get(at)? {
+        b'"' => string_end(doc, at + 1),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = at;
+            while let Some(byte) = doc.get(i) {
+                match byte {
+                    b'"' => {
+                        i = string_end(doc, i + 1)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            None
+        }
+        _ => {
+            let len = doc[at..]
+                .iter()
+                .position(|b| matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
+                .unwrap_or(doc.len() - at);
+            (len > 0).then_some(at + len)
+        }
     }
 }
 
@@ -226,6 +325,79 @@ mod tests {
             "{1:2}",
         ] {
             assert!(Object::parse(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn member_scan_finds_top_level_values_only() {
+        let doc = br#" {"a": {"usage": 1, "s": "}\"{"}, "usage" : [1, {"b": "]"}] , "n": -1.5e3, "z": null } "#;
+        let [usage, n, a, missing] = find_members(doc, ["usage", "n", "a", "nope"]).unwrap();
+        let text =
+            |r: Option<Range<usize>>| std::str::from_utf8(&doc[r.unwrap()]).unwrap().to_string();
+        assert_eq!(text(usage), r#"[1, {"b": "]"}]"#);
+        assert_eq!(text(n), "-1.5e3");
+        assert_eq!(text(a), r#"{"usage": 1, "s": "}\"{"}"#);
+        assert_eq!(missing, None);
+        assert_eq!(find_members(b"{}", ["a"]).unwrap(), [None]);
+        for bad in [
+            &b""[..],
+            b"[]",
+            b"{",
+            b"{\"a\":1",
+            b"{\"a\" 1}",
+            b"{\"a\":1} x",
+            b"{\"a\":\"x}",
+            b"<html>",
+        ] {
+            assert!(
+                find_members(bad, ["a"]).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            // Eighths print and parse back exactly; arbitrary floats need serde_json's
+            // float_roundtrip to compare equal, which is not what this test is about.
+            (-8000i32..8000).prop_map(|n| Value::from(f64::from(n) / 8.0)),
+            "[a-z\"\\\\{}\\[\\]:, é\\n]{0,12}".prop_map(Value::String),
+            Just(Value::String(r#""usage":{"#.to_string())),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                proptest::collection::vec(("[a-z]{1,3}|usage", inner), 0..5)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// The scan agrees with serde_json on every top-level member, compact or pretty.
+        #[test]
+        fn member_scan_agrees_with_serde(
+            members in proptest::collection::vec(("[a-c]|usage", json_value()), 0..6),
+            pretty in proptest::bool::ANY,
+        ) {
+            let object: serde_json::Map<String, Value> = members.into_iter().collect();
+            let doc = if pretty {
+                serde_json::to_vec_pretty(&object).unwrap()
+            } else {
+                serde_json::to_vec(&object).unwrap()
+            };
+            let keys = ["a", "b", "c", "usage"];
+            let found = find_members(&doc, keys).unwrap();
+            for (key, range) in keys.iter().zip(found) {
+                let scanned: Option<Value> =
+                    range.map(|r| serde_json::from_slice(&doc[r]).unwrap());
+                proptest::prop_assert_eq!(scanned.as_ref(), object.get(*key));
+            }
         }
     }
 

@@ -284,9 +284,10 @@ async fn run_prefill(
             request_id,
             body.clone(),
         );
+        // One deadline for the whole leg, head and body: a second timer around the head alone
+        // would cost a timer-wheel entry per request and decide nothing.
         let exchange = async {
-            let response =
-                upstream::send(client, &target.authority, request, section.prefill_timeout).await?;
+            let response = client.request(&target.authority, request).await?;
             let (head, body) = response.into_parts();
             let bytes = body
                 .collect()

@@ -2,6 +2,7 @@
 //! Unknown fields are preserved in order and byte for byte: only the patched top-level fields
 //! are written anew (see `json.rs`).
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::json::{self, Object, Patch};
@@ -81,10 +82,10 @@ pub struct PrefillResult {
     pub cached_tokens: u64,
 }
 
-/// Reads a prefill answer; `None` when it is not JSON at all. Valid JSON that is not an object
-/// carries no params.
+/// Reads a prefill answer; `None` when it is not JSON. Valid JSON that is not an object carries
+/// no params. Only the two members used are parsed; the scan finds them (see `find_members`).
 pub fn read_prefill(answer: &[u8]) -> Option<PrefillResult> {
-    let Ok(object) = Object::parse(answer) else {
+    let Some([params, usage]) = json::find_members(answer, ["kv_transfer_params", "usage"]) else {
         return serde_json::from_slice::<serde::de::IgnoredAny>(answer)
             .is_ok()
             .then_some(PrefillResult {
@@ -92,19 +93,22 @@ pub fn read_prefill(answer: &[u8]) -> Option<PrefillResult> {
                 cached_tokens: 0,
             });
     };
-    let cached_tokens = object
-        .get("usage")
-        .and_then(Object::parse_raw)
+    let params = match params {
+        Some(range) => {
+            let raw: &RawValue = serde_json::from_slice(&answer[range]).ok()?;
+            (!json::is_null(raw)).then(|| raw.get().to_string())
+        }
+        None => None,
+    };
+    let cached_tokens = usage
+        .and_then(|range| Object::parse(&answer[range]).ok())
         .and_then(|usage| usage.get("prompt_tokens_details"))
         .and_then(Object::parse_raw)
         .and_then(|details| details.get("cached_tokens"))
         .and_then(|n| n.get().parse::<u64>().ok())
         .unwrap_or(0);
     Some(PrefillResult {
-        kv_transfer_params: object
-            .get("kv_transfer_params")
-            .filter(|raw| !json::is_null(raw))
-            .map(|raw| raw.get().to_string()),
+        kv_transfer_params: params,
         cached_tokens,
     })
 }
@@ -113,8 +117,9 @@ pub fn read_prefill(answer: &[u8]) -> Option<PrefillResult> {
 /// object if missing or not an object; every other byte is kept. `None` when the body is not a
 /// JSON object with a `usage` object (it then passes unchanged).
 pub fn rewrite_json_body(body: &[u8], cached_tokens: u64) -> Option<Vec<u8>> {
-    let object = Object::parse(body).ok()?;
-    let usage = Object::parse_raw(object.get("usage")?)?;
+    let [usage_at] = json::find_members(body, ["usage"])?;
+    let usage_at = usage_at?;
+    let usage = Object::parse(&body[usage_at.clone()]).ok()?;
     let cached = cached_tokens.to_string();
     let details = match usage
         .get("prompt_tokens_details")
@@ -124,9 +129,11 @@ pub fn rewrite_json_body(body: &[u8], cached_tokens: u64) -> Option<Vec<u8>> {
         None => format!(r#"{{"cached_tokens":{cached}}}"#).into_bytes(),
     };
     let details = String::from_utf8(details).expect("patched JSON text stays UTF-8");
-    let usage = usage.patched(&[("prompt_tokens_details", Some(&details))]);
-    let usage = String::from_utf8(usage).expect("patched JSON text stays UTF-8");
-    Some(object.patched(&[("usage", Some(&usage))]))
+    let mut out = Vec::with_capacity(body.len() + 48);
+    out.extend_from_slice(&body[..usage_at.start]);
+    usage.write_patched(&[("prompt_tokens_details", Some(&details))], &mut out);
+    out.extend_from_slice(&body[usage_at.end..]);
+    Some(out)
 }
 
 /// A top-level field parsed as a tree, for the rare paths that need one.
@@ -308,8 +315,12 @@ mod tests {
         .unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            r#"{"id":"x","usage":{"total_tokens":3,"prompt_tokens_details":{"cached_tokens":7,"audio":0}},"z":1.50}"#
+            r#"{"id": "x", "usage": {"total_tokens":3,"prompt_tokens_details":{"cached_tokens":7,"audio":0}}, "z": 1.50}"#,
+            "only the usage member is written anew"
         );
+        // A "usage" key below the top level, or inside a string, is not the one.
+        let nested = br#"{"choices":[{"text":"say \"usage\": {", "usage": {"x": 1}}]}"#;
+        assert_eq!(rewrite_json_body(nested, 7), None);
         let out = rewrite_json_body(
             br#"{"usage":{"prompt_tokens_details":{"cached_tokens":49}}}"#,
             0,
