@@ -16,6 +16,7 @@ pub mod security;
 mod server;
 pub mod sse;
 mod upstream;
+mod workers;
 
 pub use endpoints::{Endpoint, EndpointSet};
 pub use pd::PATH_HEADER;

@@ -1,17 +1,14 @@
 //! The proxy's HTTP server: connection handling, routing, local answers and passthrough.
 //! The P/D exchange itself is in `pd.rs`.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -27,13 +24,11 @@ use super::relay::{Finish, Relay, Rewrite};
 use super::rewrite::Api;
 use super::security::{authorized, Allowlist};
 use super::upstream::{self, clean_response_headers, PooledBody, UpstreamClient};
+use super::workers::{self, Worker};
 use super::{load, pd};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
-
-/// How long in-flight requests may take to finish once shutdown begins.
-const DRAIN: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum ProxyError {
@@ -104,7 +99,7 @@ impl Proxy {
 
     /// Takes the newest endpoint set. Reading it under the pools' lock keeps two updaters from
     /// ever installing an older set over a newer one.
-    fn refresh_endpoints(&self, endpoints: &mut watch::Receiver<EndpointSet>) {
+    pub(super) fn refresh_endpoints(&self, endpoints: &mut watch::Receiver<EndpointSet>) {
         let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
         let set = endpoints.borrow_and_update();
         *pools = Arc::new(Pools::rebuild(&set, &pools));
@@ -194,7 +189,7 @@ pub async fn serve(
     mut endpoints: watch::Receiver<EndpointSet>,
     shutdown: CancellationToken,
 ) -> Result<(), ProxyError> {
-    let workers = worker_count(cfg.workers);
+    let workers = workers::count(cfg.workers);
     let proxy = Proxy::new(cfg);
     proxy.refresh_endpoints(&mut endpoints);
     // Workers also check for a new set before each request (see `Worker::refresh`); this task
@@ -223,161 +218,16 @@ pub async fn serve(
     if uses_load {
         tokio::spawn(load::scrape_forever(proxy.clone(), shutdown.clone()));
     }
-    // A worker that cannot start stops the others without cancelling the caller's token.
-    let shutdown = shutdown.child_token();
-    let mut lanes = Vec::with_capacity(workers);
-    let mut finished = Vec::with_capacity(workers);
-    let mut started = Ok(());
-    for index in 0..workers {
-        let (lane, connections) = tokio::sync::mpsc::unbounded_channel();
-        match spawn_worker(index, connections, &proxy, &endpoints, &shutdown) {
-            Ok(done) => {
-                lanes.push(lane);
-                finished.push(done);
-            }
-            Err(source) => {
-                started = Err(ProxyError::Workers { source });
-                shutdown.cancel();
-                break;
-            }
-        }
-    }
-    // Connections are dealt to the workers in turn: a worker that won more accept races would
-    // serve more clients on one core and lengthen their tail latency.
-    let mut turn = 0usize;
-    while started.is_ok() {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        match stream.into_std() {
-            Ok(stream) => {
-                let _ = lanes[turn % lanes.len()].send(stream);
-                turn = turn.wrapping_add(1);
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot hand a connection to a worker"),
-        }
-    }
-    drop(listener);
-    drop(lanes);
-    for done in finished {
-        let _ = done.await;
-    }
+    let started = workers::run(listener, &proxy, &endpoints, &shutdown, workers).await;
     watcher.abort();
     started
 }
 
-/// Worker threads when the caller leaves it to us: one per four cores, from 1 to 4. One worker
-/// already relays well over 10,000 requests a second, more than the engines of a whole host
-/// answer, and the cores left over belong to the engines' own CPU work (their API servers and
-/// tokenizers); a second worker on a 2-core machine measurably lengthened the tail (p99) of
-/// every request, since it competes with them for the same cores.
-fn worker_count(asked: usize) -> usize {
-    match asked {
-        0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).clamp(1, 4)),
-        n => n,
-    }
-}
-
-/// A worker owns a thread with a single-threaded runtime, the connections dealt to it and its
-/// own pool of engine connections: a request and both of its legs run on one thread from the
-/// first byte to the last, with no cross-thread wakeups.
-fn spawn_worker(
-    index: usize,
-    connections: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
-    proxy: &Arc<Proxy>,
-    endpoints: &watch::Receiver<EndpointSet>,
-    shutdown: &CancellationToken,
-) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
-    let endpoints = endpoints.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (proxy, shutdown) = (proxy.clone(), shutdown.clone());
-    let (done, finished) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name(format!("pdctl-proxy-{index}"))
-        .spawn(move || {
-            runtime.block_on(serve_connections(connections, proxy, endpoints, shutdown));
-            let _ = done.send(());
-        })?;
-    Ok(finished)
-}
-
-/// What a worker thread owns: its engine connections and its view of the endpoint set.
-pub struct Worker {
-    pub client: UpstreamClient,
-    endpoints: std::sync::Mutex<watch::Receiver<EndpointSet>>,
-}
-
-impl Worker {
-    /// A set published before a request arrived is in use for that request: the daemon's
-    /// readiness changes and tests see no lag.
-    fn refresh(&self, proxy: &Proxy) {
-        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        if endpoints.has_changed().unwrap_or(false) {
-            proxy.refresh_endpoints(&mut endpoints);
-        }
-    }
-}
-
-async fn serve_connections(
-    mut connections: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+pub(super) async fn handle(
     proxy: Arc<Proxy>,
-    endpoints: watch::Receiver<EndpointSet>,
-    shutdown: CancellationToken,
-) {
-    let worker = Arc::new(Worker {
-        client: upstream::client(proxy.cfg.section.connect_timeout),
-        endpoints: std::sync::Mutex::new(endpoints),
-    });
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let stream = tokio::select! {
-            stream = connections.recv() => match stream {
-                Some(stream) => stream,
-                None => break,
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let stream = match tokio::net::TcpStream::from_std(stream) {
-            Ok(stream) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "proxy worker cannot take a connection");
-                continue;
-            }
-        };
-        let (proxy, worker) = (proxy.clone(), worker.clone());
-        let service = hyper::service::service_fn(move |req| {
-            let (proxy, worker) = (proxy.clone(), worker.clone());
-            async move { Ok::<_, Infallible>(handle(proxy, worker, req).await) }
-        });
-        let conn = auto::Builder::new(TokioExecutor::new())
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
-    drop(connections);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("in-flight requests did not finish within {DRAIN:?}");
-    }
-}
-
-async fn handle(proxy: Arc<Proxy>, worker: Arc<Worker>, req: Request<Incoming>) -> Response<Body> {
+    worker: Arc<Worker>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let start = Instant::now();
     worker.refresh(&proxy);
     let client = &worker.client;
