@@ -596,3 +596,99 @@ async fn engine_closing_idle_connections_fails_no_request() {
     }
     assert_eq!(served.load(Ordering::SeqCst), 30);
 }
+
+/// A decode engine whose SSE body stays open after `data: [DONE]` (uvicorn ends the chunked
+/// body in a write of its own): the client's answer is complete at `[DONE]`, and the engine's
+/// connection is still read to its end and reused for the next request.
+#[tokio::test]
+async fn event_stream_ends_at_done_and_engine_connection_is_reused() {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::Semaphore;
+    let engine = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let engine_url = format!("http://{}", engine.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let may_end_body = Arc::new(Semaphore::new(0));
+    let (accepted2, may_end_body2) = (accepted.clone(), may_end_body.clone());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = engine.accept().await {
+            accepted2.fetch_add(1, Ordering::SeqCst);
+            let may_end_body = may_end_body2.clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let head_end = loop {
+                        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&pending[..head_end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    while pending.len() < head_end + length {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    pending.drain(..head_end + length);
+                    let event = "data: {\"choices\":[{\"index\":0,\"text\":\"hi\"}],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1,\"total_tokens\":10}}\n\n";
+                    let done = "data: [DONE]\n\n";
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n{:x}\r\n{done}\r\n",
+                        event.len(),
+                        done.len()
+                    );
+                    if conn.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    may_end_body.acquire().await.unwrap().forget();
+                    if conn.write_all(b"0\r\n\r\n").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let p = Fake::start(Role::Prefill).await;
+    let px = proxy(fast(), &[&p.url], &[&engine_url]).await;
+    let c = client();
+    let body = json!({"model":"m","prompt":"Hello","stream":true});
+    for round in 0..2 {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            post(&c, &format!("{}/v1/completions", px.url), body.clone()),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("round {round}: the answer waited for the engine's end of body")
+        });
+        assert_eq!(answer.status, 200);
+        assert!(answer.body.ends_with("data: [DONE]\n\n"), "{}", answer.body);
+        assert!(
+            answer.body.contains("\"cached_tokens\":7"),
+            "{}",
+            answer.body
+        );
+        may_end_body.add_permits(1);
+        // The engine's body ends on the proxy's side once it has read the terminator.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "engine connection not reused"
+    );
+    let m = send(&c, "GET", &format!("{}/metrics", px.url), &[], "")
+        .await
+        .body;
+    assert!(!m.contains("pdctl_proxy_client_disconnects_total 1"), "{m}");
+}

@@ -493,7 +493,7 @@ fn is_json(headers: &HeaderMap) -> bool {
     content_type(headers).starts_with("application/json")
 }
 
-fn is_event_stream(headers: &HeaderMap) -> bool {
+pub(super) fn is_event_stream(headers: &HeaderMap) -> bool {
     content_type(headers).starts_with("text/event-stream")
 }
 

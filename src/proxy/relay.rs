@@ -5,7 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
@@ -42,25 +42,35 @@ impl Drop for Finish {
 }
 
 pub struct Relay {
-    inner: PooledBody,
+    /// Taken away once the answer is complete for the client.
+    inner: Option<PooledBody>,
+    /// An OpenAI event stream: its `data: [DONE]` event is the answer's end.
+    event_stream: bool,
     rewrite: Rewrite,
     finish: Option<Finish>,
     ended: bool,
 }
 
 impl Relay {
-    pub fn new(inner: PooledBody, rewrite: Rewrite, finish: Finish) -> Self {
+    pub fn new(inner: PooledBody, event_stream: bool, rewrite: Rewrite, finish: Finish) -> Self {
         Relay {
-            inner,
+            inner: Some(inner),
+            event_stream,
             rewrite,
             finish: Some(finish),
             ended: false,
         }
     }
 
-    fn complete(&mut self) {
+    /// The answer is complete: whatever the rewriter still holds goes out last.
+    fn end(&mut self) -> Bytes {
+        self.ended = true;
         if let Some(mut finish) = self.finish.take() {
             finish.completed = true;
+        }
+        match &mut self.rewrite {
+            Rewrite::None => Bytes::new(),
+            Rewrite::Sse(rewriter) => rewriter.finish(),
         }
     }
 }
@@ -78,7 +88,11 @@ impl Body for Relay {
             return Poll::Ready(None);
         }
         loop {
-            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            let next = match this.inner.as_mut() {
+                Some(inner) => ready!(Pin::new(inner).poll_frame(cx)),
+                None => None,
+            };
+            match next {
                 Some(Ok(frame)) => {
                     let data = match frame.into_data() {
                         Ok(data) => data,
@@ -91,6 +105,15 @@ impl Body for Relay {
                     if out.is_empty() {
                         continue;
                     }
+                    if this.event_stream && ends_with_done(&out) && this.holds_nothing() {
+                        // The client's answer ends here, so hyper writes this chunk and the
+                        // chunked terminator in one system call; the engine's own end of body
+                        // (a separate hop through hyper's body channel) is read afterwards.
+                        if let Some(inner) = this.inner.take() {
+                            inner.finish_in_background(DRAIN_AFTER_DONE);
+                        }
+                        this.end();
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 Some(Err(e)) => {
@@ -98,12 +121,7 @@ impl Body for Relay {
                     return Poll::Ready(Some(Err(Box::new(e))));
                 }
                 None => {
-                    this.ended = true;
-                    let rest = match &mut this.rewrite {
-                        Rewrite::None => Bytes::new(),
-                        Rewrite::Sse(rewriter) => rewriter.finish(),
-                    };
-                    this.complete();
+                    let rest = this.end();
                     if rest.is_empty() {
                         return Poll::Ready(None);
                     }
@@ -118,9 +136,28 @@ impl Body for Relay {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.ended {
+            return SizeHint::with_exact(0);
+        }
         match self.rewrite {
-            Rewrite::None => self.inner.size_hint(),
+            Rewrite::None => self.inner.as_ref().map(Body::size_hint).unwrap_or_default(),
             _ => SizeHint::default(),
         }
     }
+}
+
+impl Relay {
+    fn holds_nothing(&self) -> bool {
+        match &self.rewrite {
+            Rewrite::None => true,
+            Rewrite::Sse(rewriter) => rewriter.holds_nothing(),
+        }
+    }
+}
+
+/// How long an engine may take to end its body after `data: [DONE]`.
+const DRAIN_AFTER_DONE: Duration = Duration::from_secs(10);
+
+fn ends_with_done(chunk: &[u8]) -> bool {
+    chunk.ends_with(b"data: [DONE]\n\n") || chunk.ends_with(b"data: [DONE]\r\n\r\n")
 }

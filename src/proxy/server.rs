@@ -405,5 +405,7 @@ pub fn relay(
         completed: false,
         _in_flight: guards,
     };
-    Response::from_parts(parts, BodyExt::boxed(Relay::new(body, rewrite, finish)))
+    let event_stream = super::pd::is_event_stream(&parts.headers);
+    let body = Relay::new(body, event_stream, rewrite, finish);
+    Response::from_parts(parts, BodyExt::boxed(body))
 }

@@ -49,6 +49,11 @@ impl SseUsageRewriter {
     }
 
     /// The end of the stream: a last line without a newline is flushed (rewritten if it can be).
+    /// No partial line is waiting for the rest of it.
+    pub fn holds_nothing(&self) -> bool {
+        self.partial.is_empty()
+    }
+
     pub fn finish(&mut self) -> Bytes {
         let rest = std::mem::take(&mut self.partial);
         let mut out = BytesMut::with_capacity(rest.len());

@@ -187,6 +187,29 @@ impl Body for PooledBody {
     }
 }
 
+impl PooledBody {
+    /// Reads what is left of the answer on a task of its own, so its connection can go back to
+    /// the pool, while the caller is already done with it. An engine that does not end the
+    /// body within `limit` loses the connection instead.
+    pub fn finish_in_background(mut self, limit: Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(limit, async {
+                while let Some(frame) =
+                    std::future::poll_fn(|cx| Pin::new(&mut self).poll_frame(cx)).await
+                {
+                    if frame.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
 /// Why an upstream exchange failed before a response head arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
