@@ -2,7 +2,10 @@
 //! stream back: complete lines go out as soon as they arrive; only a partial trailing line waits
 //! for its next chunk.
 
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
+use memchr::memmem;
 
 use super::rewrite::rewrite_json_body;
 
@@ -48,12 +51,12 @@ impl SseUsageRewriter {
         out.freeze()
     }
 
-    /// The end of the stream: a last line without a newline is flushed (rewritten if it can be).
     /// No partial line is waiting for the rest of it.
     pub fn holds_nothing(&self) -> bool {
         self.partial.is_empty()
     }
 
+    /// The end of the stream: a last line without a newline is flushed (rewritten if it can be).
     pub fn finish(&mut self) -> Bytes {
         let rest = std::mem::take(&mut self.partial);
         let mut out = BytesMut::with_capacity(rest.len());
@@ -96,7 +99,9 @@ fn has_usage_object(haystack: &[u8]) -> bool {
 /// over every streamed byte.
 fn find_usage_object(haystack: &[u8]) -> Option<usize> {
     const KEY: &[u8] = b"\"usage\"";
-    memchr::memmem::find_iter(haystack, KEY).find(|&at| {
+    // Built once: building a searcher costs more than running it over a typical chunk.
+    static FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(KEY));
+    FINDER.find_iter(haystack).find(|&at| {
         let mut after = haystack[at + KEY.len()..]
             .iter()
             .skip_while(|b| b.is_ascii_whitespace());
