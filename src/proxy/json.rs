@@ -45,12 +45,9 @@ impl<'a> Object<'a> {
         self.get(key).is_some()
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.fields.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.fields.is_empty()
     }
 
     /// The object with `patch` applied: its own keys in order (patched ones in place, removed

@@ -5,7 +5,7 @@
 pub mod cli;
 mod discovery;
 pub mod endpoints;
-pub mod json;
+mod json;
 mod load;
 pub mod metrics;
 mod pd;

@@ -16,7 +16,6 @@ use super::endpoints::Endpoint;
 use super::json::Object;
 use super::metrics::PathTaken;
 use super::pick::{InFlight, Upstream};
-use super::relay::Rewrite;
 use super::rewrite::{
     decode_body, estimate_prompt_tokens, prefill_body, prefix_key, read_prefill, rewrite_json_body,
     Api, PrefillResult,
@@ -64,7 +63,7 @@ enum Prefilled {
 
 pub async fn handle(
     proxy: Arc<Proxy>,
-    client_pool: &UpstreamClient,
+    engines: &UpstreamClient,
     parts: Parts,
     body: Bytes,
     api: Api,
@@ -97,7 +96,7 @@ pub async fn handle(
         Choice::DecodeOnly => {
             return to_decode(
                 proxy,
-                client_pool,
+                engines,
                 &parts,
                 body,
                 &request_id,
@@ -111,17 +110,7 @@ pub async fn handle(
         }
     };
     let prefill = Bytes::from(prefill_body(&client, api));
-    match run_prefill(
-        &proxy,
-        client_pool,
-        &parts,
-        prefill,
-        &request_id,
-        first,
-        route,
-    )
-    .await
-    {
+    match run_prefill(&proxy, engines, &parts, prefill, &request_id, first, route).await {
         Prefilled::Ok(result) => {
             if result.kv_transfer_params.is_none() {
                 tracing::warn!(%request_id, "prefill returned no kv_transfer_params; the decode will recompute the prompt");
@@ -130,7 +119,7 @@ pub async fn handle(
             let cached = Some(result.cached_tokens);
             to_decode(
                 proxy,
-                client_pool,
+                engines,
                 &parts,
                 decode,
                 &request_id,
@@ -143,7 +132,7 @@ pub async fn handle(
             tracing::warn!(%request_id, "prefill leg failed; serving decode-only (fallback policy)");
             to_decode(
                 proxy,
-                client_pool,
+                engines,
                 &parts,
                 body,
                 &request_id,
@@ -241,7 +230,7 @@ fn retryable(status: StatusCode) -> bool {
 
 async fn run_prefill(
     proxy: &Arc<Proxy>,
-    client: &UpstreamClient,
+    engines: &UpstreamClient,
     parts: &Parts,
     body: Bytes,
     request_id: &str,
@@ -287,7 +276,7 @@ async fn run_prefill(
         // One deadline for the whole leg, head and body: a second timer around the head alone
         // would cost a timer-wheel entry per request and decide nothing.
         let exchange = async {
-            let response = client.request(&target.authority, request).await?;
+            let response = engines.request(&target.authority, request).await?;
             let (head, body) = response.into_parts();
             let bytes = body
                 .collect()
@@ -374,7 +363,7 @@ fn mark(headers: &mut HeaderMap, request_id: &str, path: PathTaken) {
 /// is replaced by another ready one: nothing has reached the client yet.
 pub async fn to_decode(
     proxy: Arc<Proxy>,
-    client: &UpstreamClient,
+    engines: &UpstreamClient,
     parts: &Parts,
     body: Bytes,
     request_id: &str,
@@ -406,7 +395,7 @@ pub async fn to_decode(
             request_id,
             body.clone(),
         );
-        match upstream::send(client, &target.authority, request, timeout).await {
+        match upstream::send(engines, &target.authority, request, timeout).await {
             Ok(answer) => {
                 proxy
                     .metrics
@@ -414,18 +403,22 @@ pub async fn to_decode(
                     .observe(leg.start.elapsed().as_secs_f64());
                 let status = answer.status();
                 let cached = leg.cached_tokens.filter(|_| status.is_success());
-                let rewrite_json = cached.filter(|_| is_json(answer.headers()));
-                let mut response = match answer_kind(answer.headers(), rewrite_json.is_some()) {
+                let format = Format::of(answer.headers());
+                let rewrite_json = cached.filter(|_| format == Format::Json);
+                let mut response = match answer_kind(answer.headers(), format, rewrite_json) {
                     Answer::Json => buffered(&proxy, answer, rewrite_json, &leg, in_flight).await,
                     Answer::Stream => {
-                        let rewrite = match cached {
-                            Some(cached) if is_event_stream(answer.headers()) => {
-                                Rewrite::Sse(SseUsageRewriter::new(cached))
-                            }
-                            _ => Rewrite::None,
-                        };
+                        let event_stream = format == Format::EventStream;
+                        let rewrite = cached.filter(|_| event_stream).map(SseUsageRewriter::new);
                         proxy.count(leg.route, status, leg.path);
-                        relay(&proxy, answer, rewrite, leg.start, vec![in_flight])
+                        relay(
+                            &proxy,
+                            answer,
+                            event_stream,
+                            rewrite,
+                            leg.start,
+                            vec![in_flight],
+                        )
                     }
                 };
                 mark(response.headers_mut(), request_id, leg.path);
@@ -470,31 +463,40 @@ enum Answer {
     Stream,
 }
 
-fn answer_kind(headers: &HeaderMap, rewrite_json: bool) -> Answer {
+fn answer_kind(headers: &HeaderMap, format: Format, rewrite_json: Option<u64>) -> Answer {
     let length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     match length {
-        _ if rewrite_json => Answer::Json,
-        Some(n) if n <= MAX_BUFFERED && !is_event_stream(headers) => Answer::Json,
+        _ if rewrite_json.is_some() => Answer::Json,
+        Some(n) if n <= MAX_BUFFERED && format != Format::EventStream => Answer::Json,
         _ => Answer::Stream,
     }
 }
 
-fn content_type(headers: &HeaderMap) -> &str {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
+/// An answer's content type, as far as the relay cares.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    EventStream,
+    Other,
 }
 
-fn is_json(headers: &HeaderMap) -> bool {
-    content_type(headers).starts_with("application/json")
-}
-
-pub(super) fn is_event_stream(headers: &HeaderMap) -> bool {
-    content_type(headers).starts_with("text/event-stream")
+impl Format {
+    fn of(headers: &HeaderMap) -> Format {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if content_type.starts_with("application/json") {
+            Format::Json
+        } else if content_type.starts_with("text/event-stream") {
+            Format::EventStream
+        } else {
+            Format::Other
+        }
+    }
 }
 
 /// Collects a complete answer, rewrites its usage when `cached` is set, and answers with a fixed

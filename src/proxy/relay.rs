@@ -15,11 +15,6 @@ use super::server::{BoxError, Proxy};
 use super::sse::SseUsageRewriter;
 use super::upstream::PooledBody;
 
-pub enum Rewrite {
-    None,
-    Sse(SseUsageRewriter),
-}
-
 /// Ends a request's accounting: latency when it completes, a disconnect when dropped before.
 pub struct Finish {
     pub proxy: Arc<Proxy>,
@@ -46,13 +41,19 @@ pub struct Relay {
     inner: Option<PooledBody>,
     /// An OpenAI event stream: its `data: [DONE]` event is the answer's end.
     event_stream: bool,
-    rewrite: Rewrite,
+    /// Set when the client must see the prefill's cached-token count.
+    rewrite: Option<SseUsageRewriter>,
     finish: Option<Finish>,
     ended: bool,
 }
 
 impl Relay {
-    pub fn new(inner: PooledBody, event_stream: bool, rewrite: Rewrite, finish: Finish) -> Self {
+    pub fn new(
+        inner: PooledBody,
+        event_stream: bool,
+        rewrite: Option<SseUsageRewriter>,
+        finish: Finish,
+    ) -> Self {
         Relay {
             inner: Some(inner),
             event_stream,
@@ -68,10 +69,16 @@ impl Relay {
         if let Some(mut finish) = self.finish.take() {
             finish.completed = true;
         }
-        match &mut self.rewrite {
-            Rewrite::None => Bytes::new(),
-            Rewrite::Sse(rewriter) => rewriter.finish(),
-        }
+        self.rewrite
+            .as_mut()
+            .map_or_else(Bytes::new, SseUsageRewriter::finish)
+    }
+
+    /// No partial line waits in the rewriter.
+    fn holds_nothing(&self) -> bool {
+        self.rewrite
+            .as_ref()
+            .is_none_or(SseUsageRewriter::holds_nothing)
     }
 }
 
@@ -99,8 +106,8 @@ impl Body for Relay {
                         Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                     };
                     let out = match &mut this.rewrite {
-                        Rewrite::None => data,
-                        Rewrite::Sse(rewriter) => rewriter.push(data),
+                        None => data,
+                        Some(rewriter) => rewriter.push(data),
                     };
                     if out.is_empty() {
                         continue;
@@ -139,18 +146,9 @@ impl Body for Relay {
         if self.ended {
             return SizeHint::with_exact(0);
         }
-        match self.rewrite {
-            Rewrite::None => self.inner.as_ref().map(Body::size_hint).unwrap_or_default(),
+        match (&self.rewrite, &self.inner) {
+            (None, Some(inner)) => inner.size_hint(),
             _ => SizeHint::default(),
-        }
-    }
-}
-
-impl Relay {
-    fn holds_nothing(&self) -> bool {
-        match &self.rewrite {
-            Rewrite::None => true,
-            Rewrite::Sse(rewriter) => rewriter.holds_nothing(),
         }
     }
 }

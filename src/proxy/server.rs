@@ -20,9 +20,10 @@ use crate::spec::proxy::{PickPolicy, ProxySection};
 use super::endpoints::EndpointSet;
 use super::metrics::{EndpointLabels, PathTaken, ProxyMetrics, RequestLabels};
 use super::pick::{self, Cursors, InFlight, Pools, Upstream};
-use super::relay::{Finish, Relay, Rewrite};
+use super::relay::{Finish, Relay};
 use super::rewrite::Api;
 use super::security::{authorized, Allowlist};
+use super::sse::SseUsageRewriter;
 use super::upstream::{self, clean_response_headers, PooledBody, UpstreamClient};
 use super::workers::{self, Worker};
 use super::{load, pd};
@@ -60,7 +61,8 @@ pub struct Config {
     pub section: ProxySection,
     pub mode: Mode,
     pub api_key: Option<String>,
-    /// Worker threads, each with its own accept loop and engine connections (0 = one per core).
+    /// Worker threads, each serving the connections dealt to it with its own engine connections
+    /// (0 = one per 4 cores, 1 to 4; see `workers::count`).
     pub workers: usize,
 }
 
@@ -230,7 +232,7 @@ pub(super) async fn handle(
 ) -> Response<Body> {
     let start = Instant::now();
     worker.refresh(&proxy);
-    let client = &worker.client;
+    let engines = &worker.client;
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/health") => return health(&proxy),
@@ -271,9 +273,9 @@ pub(super) async fn handle(
     let gone = ClientGone(Some(proxy.clone()));
     let response = match Api::from_path(&path) {
         Some(api) if parts.method == Method::POST => {
-            pd::handle(proxy, client, parts, body, api, start).await
+            pd::handle(proxy, engines, parts, body, api, start).await
         }
-        _ => passthrough(proxy, client, parts, body, start).await,
+        _ => passthrough(proxy, engines, parts, body, start).await,
     };
     gone.disarm();
     response
@@ -324,7 +326,7 @@ fn metrics(proxy: &Proxy) -> Response<Body> {
 /// Anything that is not a P/D request goes to a decode engine unchanged.
 async fn passthrough(
     proxy: Arc<Proxy>,
-    client: &UpstreamClient,
+    engines: &UpstreamClient,
     parts: http::request::Parts,
     body: Bytes,
     start: Instant,
@@ -332,7 +334,7 @@ async fn passthrough(
     let request_id = client_request_id(&parts.headers).unwrap_or_else(|| proxy.request_id());
     pd::to_decode(
         proxy,
-        client,
+        engines,
         &parts,
         body,
         &request_id,
@@ -390,13 +392,14 @@ pub fn error(status: StatusCode, message: &str) -> Response<Body> {
 pub fn relay(
     proxy: &Arc<Proxy>,
     upstream: Response<PooledBody>,
-    rewrite: Rewrite,
+    event_stream: bool,
+    rewrite: Option<SseUsageRewriter>,
     start: Instant,
     guards: Vec<InFlight>,
 ) -> Response<Body> {
     let (mut parts, body) = upstream.into_parts();
     clean_response_headers(&mut parts.headers);
-    if !matches!(rewrite, Rewrite::None) {
+    if rewrite.is_some() {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     let finish = Finish {
@@ -405,7 +408,6 @@ pub fn relay(
         completed: false,
         _in_flight: guards,
     };
-    let event_stream = super::pd::is_event_stream(&parts.headers);
     let body = Relay::new(body, event_stream, rewrite, finish);
     Response::from_parts(parts, BodyExt::boxed(body))
 }

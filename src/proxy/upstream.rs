@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -197,13 +197,7 @@ impl PooledBody {
         };
         runtime.spawn(async move {
             let _ = tokio::time::timeout(limit, async {
-                while let Some(frame) =
-                    std::future::poll_fn(|cx| Pin::new(&mut self).poll_frame(cx)).await
-                {
-                    if frame.is_err() {
-                        break;
-                    }
-                }
+                while let Some(Ok(_)) = self.frame().await {}
             })
             .await;
         });
