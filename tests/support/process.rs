@@ -14,11 +14,12 @@ pub fn pdctl() -> Command {
 pub struct Child(pub std::process::Child);
 
 impl Child {
-    /// Starts `cmd` with `PDCTL_LOG=warn`, stdout discarded and stderr inherited (so a failing
-    /// test shows what the child said).
+    /// Starts `cmd` with stdout discarded and stderr inherited, logging errors only: a failing
+    /// test shows what went wrong in the child, while the warnings that tests provoke on
+    /// purpose (a failing engine, a client hanging up) stay out of the output.
     pub fn spawn(cmd: &mut Command) -> Child {
         let child = cmd
-            .env("PDCTL_LOG", "warn")
+            .env("PDCTL_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
