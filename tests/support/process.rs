@@ -2,7 +2,7 @@
 //! two long-running commands the tests start by hand (`sim serve`, `proxy`/`sidecar`).
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{http, ports};
 
@@ -29,14 +29,12 @@ impl Child {
 
     /// The exit status once the child ends by itself; fails the test after `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "still running after {limit:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut status = None;
+        super::poll(limit, Duration::from_millis(20), || {
+            status = self.0.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap_or_else(|| panic!("still running after {limit:?}"))
     }
 }
 
