@@ -1,55 +1,83 @@
 #!/usr/bin/env bash
 # Proxy benchmark, not a test: in one run, side by side on this machine, wrk at 64 connections
 # (non-streaming and streaming) against the decode backend directly, `pdctl proxy` (release),
-# vllm-router and sglang-router (PyPI, installed into a venv by ../shared/bench/peers.sh).
+# vllm-router and sglang-router (PyPI, installed into a venv by scripts/bench/peers.sh).
 # Prints req/s, p50, p99, proxy CPU µs/request and the ratios to vllm-router.
 #   scripts/bench-proxy.sh                SECS=10 CONNS=64 ROUNDS=3 by default
 # Shared 2-core machines swing by 2x from minute to minute, so the whole comparison runs ROUNDS
 # times and the summary gives each figure's median and the median of the per-round ratios
 # (every ratio compares two figures taken minutes apart at most, never across rounds).
 #   BACKEND=sim scripts/bench-proxy.sh    use two `pdctl sim` engines instead of nginx
-# The default backend is ../shared/bench's fake vLLM on nginx (kv_transfer_params in every
+#   SMOKE=1 scripts/bench-proxy.sh        check the set-up only: backend and pdctl proxy (debug
+#                                         build unless PDCTL=path), one answer per mode, 2 s of
+#                                         wrk; no peers, no figures worth keeping
+# The default backend is scripts/bench/fake-vllm.sh (nginx + Lua, kv_transfer_params in every
 # reply), so the backend is never the bottleneck. Everything listens on 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BENCH=../shared/bench
-[ -d "$BENCH" ] || { echo "needs ../shared/bench beside the repo" >&2; exit 2; }
-need_pkg() { dpkg -s "$1" >/dev/null 2>&1 || missing+=("$1"); }
+bench=scripts/bench
+backend=${BACKEND:-nginx}
+smoke=${SMOKE:-0}
 missing=()
+need_pkg() { dpkg -s "$1" >/dev/null 2>&1 || missing+=("$1"); }
 need_pkg wrk
-if [ "${BACKEND:-nginx}" = nginx ]; then need_pkg nginx; need_pkg libnginx-mod-http-lua; fi
+if [ "$backend" = nginx ]; then need_pkg nginx; need_pkg libnginx-mod-http-lua; fi
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-bash "$BENCH/peers.sh" install
-cargo build --release --quiet
-PDCTL=$PWD/target/release/pdctl
+[ "$smoke" = 1 ] || "$bench/peers.sh" install
+if [ -z "${PDCTL:-}" ]; then
+    if [ "$smoke" = 1 ]; then
+        cargo build --quiet --bin pdctl
+        PDCTL=$PWD/target/debug/pdctl
+    else
+        cargo build --release --quiet --bin pdctl
+        PDCTL=$PWD/target/release/pdctl
+    fi
+fi
 RUN=$(mktemp -d /tmp/pdctl-bench.XXXX)
 pids=()
 cleanup() {
-    bash "$BENCH/peers.sh" stop || true
-    [ "${BACKEND:-nginx}" = nginx ] && RUN=$RUN/nginx sh "$BENCH/fake-vllm-nginx/stop.sh" >/dev/null 2>&1 || true
+    [ "$smoke" = 1 ] || "$bench/peers.sh" stop "$RUN/peers" || true
+    [ "$backend" = nginx ] && "$bench/fake-vllm.sh" stop "$RUN/nginx" || true
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     rm -rf "$RUN"
 }
 trap cleanup EXIT
-if [ "${BACKEND:-nginx}" = nginx ]; then
-    RUN=$RUN/nginx PPORT=18100 DPORT=18200 LOG=0 sh "$BENCH/fake-vllm-nginx/start.sh"
+wait_health() {
+    for _ in $(seq 100); do curl -sf "$1/health" >/dev/null && return 0; sleep 0.1; done
+    echo "$1 never answered /health (logs in $RUN)" >&2
+    return 1
+}
+if [ "$backend" = nginx ]; then
+    "$bench/fake-vllm.sh" start "$RUN/nginx" 18100 18200
 else
     "$PDCTL" sim --port 18100 --side-channel-port 18150 >"$RUN/p.log" 2>&1 & pids+=($!)
     "$PDCTL" sim --port 18200 --side-channel-port 18250 >"$RUN/d.log" 2>&1 & pids+=($!)
-    for _ in $(seq 50); do curl -sf http://127.0.0.1:18200/health >/dev/null && break; sleep 0.1; done
+    wait_health http://127.0.0.1:18100
+    wait_health http://127.0.0.1:18200
 fi
 PDCTL_LOG=warn "$PDCTL" proxy --listen 127.0.0.1:18004 \
     --prefill http://127.0.0.1:18100 --decode http://127.0.0.1:18200 \
     --prefill-policy round-robin --decode-policy round-robin >"$RUN/proxy.log" 2>&1 & pids+=($!)
-bash "$BENCH/peers.sh" start http://127.0.0.1:18100 http://127.0.0.1:18200
-for _ in $(seq 50); do curl -sf http://127.0.0.1:18004/health >/dev/null && break; sleep 0.1; done
+wait_health http://127.0.0.1:18004
+if [ "$smoke" = 1 ]; then
+    for stream in false true; do
+        echo "== one completion through pdctl proxy (stream: $stream)"
+        curl -sS --fail-with-body -w '\nHTTP %{http_code}\n' -H 'content-type: application/json' \
+            -d "{\"model\":\"m\",\"prompt\":\"Hello\",\"max_tokens\":16,\"stream\":$stream}" \
+            http://127.0.0.1:18004/v1/completions | tail -c 300
+    done
+    SECS=2 CONNS=${CONNS:-4} "$bench/compare.sh" direct=http://127.0.0.1:18200 pdctl=http://127.0.0.1:18004
+    exit 0
+fi
 ROUNDS=${ROUNDS:-3}
-echo "== $(nproc) cores; backend ${BACKEND:-nginx}; SECS=${SECS:-10} CONNS=${CONNS:-64} ROUNDS=$ROUNDS"
+"$bench/peers.sh" start "$RUN/peers" http://127.0.0.1:18100 http://127.0.0.1:18200
+echo "== $(nproc) cores; backend $backend; SECS=${SECS:-10} CONNS=${CONNS:-64} ROUNDS=$ROUNDS"
 for round in $(seq "$ROUNDS"); do
     echo "-- round $round"
-    bash "$BENCH/compare.sh" pdctl=http://127.0.0.1:18004 | tee "$RUN/table.$round.txt"
+    "$bench/compare.sh" direct=http://127.0.0.1:18200 vllm-router=http://127.0.0.1:18001 \
+        sglang-router=http://127.0.0.1:18002 pdctl=http://127.0.0.1:18004 | tee "$RUN/table.$round.txt"
 done
 echo "== medians over $ROUNDS rounds"
 # Lower p99 is better: pdctl's p99 as a fraction of vllm-router's.

@@ -1,5 +1,5 @@
 //! `pdctl plan`, `validate` and `gpus` on the shipped files, end to end, with snapshots of
-//! the JSON contract (`tests/data/plan-snapshots/`).
+//! the JSON contract (`tests/snapshots/plan_cli__*.snap`).
 
 use std::path::Path;
 
@@ -50,9 +50,7 @@ fn snapshot(name: &str, file: &str, gpus: Option<&str>) {
         serde_json::to_string_pretty(&plan).unwrap(),
         json.trim_end()
     );
-    insta::with_settings!({snapshot_path => "data/plan-snapshots", prepend_module_to_snapshot => false}, {
-        insta::assert_snapshot!(name, redact(&json));
-    });
+    insta::assert_snapshot!(name, redact(&json));
 }
 
 #[test]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Offline validators for the export tests, in the project venv (.venv): kubernetes-validate for
-# built-in kinds, and PyYAML + jsonschema for ../shared/tools/validate_cr.py (KServe CRDs).
+# built-in kinds, and PyYAML + jsonschema for scripts/validate-crd.py (KServe's CRDs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ ! -x .venv/bin/python ]; then
