@@ -11,15 +11,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::plan::{Probe, Probes};
+use crate::spec::ProbeKind;
 
 pub mod http;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Startup,
-    Readiness,
-    Liveness,
-}
 
 /// What the prober has concluded so far about one running instance.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -84,34 +78,34 @@ impl Machine {
         self.health
     }
 
-    pub fn probe(&self, kind: Kind) -> &Probe {
+    pub fn probe(&self, kind: ProbeKind) -> &Probe {
         match kind {
-            Kind::Startup => &self.startup.probe,
-            Kind::Readiness => &self.readiness.probe,
-            Kind::Liveness => &self.liveness.probe,
+            ProbeKind::Startup => &self.startup.probe,
+            ProbeKind::Readiness => &self.readiness.probe,
+            ProbeKind::Liveness => &self.liveness.probe,
         }
     }
 
     /// The probes that run in the current phase.
-    pub fn active(&self) -> &'static [Kind] {
+    pub fn active(&self) -> &'static [ProbeKind] {
         if self.health.failed.is_some() {
             &[]
         } else if self.health.started {
-            &[Kind::Readiness, Kind::Liveness]
+            &[ProbeKind::Readiness, ProbeKind::Liveness]
         } else {
-            &[Kind::Startup]
+            &[ProbeKind::Startup]
         }
     }
 
-    pub fn record(&mut self, kind: Kind, ok: bool) -> Health {
+    pub fn record(&mut self, kind: ProbeKind, ok: bool) -> Health {
         if !self.active().contains(&kind) {
             return self.health;
         }
         match (kind, self.counter(kind).record(ok)) {
-            (Kind::Startup, Some(true)) => self.health.started = true,
-            (Kind::Startup, Some(false)) => self.health.failed = Some("startup probe failed"),
-            (Kind::Readiness, Some(r)) => self.health.ready = r,
-            (Kind::Liveness, Some(false)) => {
+            (ProbeKind::Startup, Some(true)) => self.health.started = true,
+            (ProbeKind::Startup, Some(false)) => self.health.failed = Some("startup probe failed"),
+            (ProbeKind::Readiness, Some(r)) => self.health.ready = r,
+            (ProbeKind::Liveness, Some(false)) => {
                 self.health.ready = false;
                 self.health.failed = Some("liveness probe failed");
             }
@@ -120,11 +114,11 @@ impl Machine {
         self.health
     }
 
-    fn counter(&mut self, kind: Kind) -> &mut Counter {
+    fn counter(&mut self, kind: ProbeKind) -> &mut Counter {
         match kind {
-            Kind::Startup => &mut self.startup,
-            Kind::Readiness => &mut self.readiness,
-            Kind::Liveness => &mut self.liveness,
+            ProbeKind::Startup => &mut self.startup,
+            ProbeKind::Readiness => &mut self.readiness,
+            ProbeKind::Liveness => &mut self.liveness,
         }
     }
 }
@@ -147,9 +141,8 @@ pub async fn run<F, Fut>(
 {
     let mut m = Machine::new(&probes);
     // Next due time per kind; each probe starts after its initial delay, as in Kubernetes.
-    let mut due = [Kind::Startup, Kind::Readiness, Kind::Liveness]
-        .map(|k| started_at + secs(m.probe(k).initial_delay_seconds));
-    let idx = |k: Kind| k as usize;
+    let mut due = ProbeKind::ALL.map(|k| started_at + secs(m.probe(k).initial_delay_seconds));
+    let idx = |k: ProbeKind| k as usize;
     loop {
         let active = m.active();
         let Some(&kind) = active.iter().min_by_key(|k| due[idx(**k)]) else {
@@ -170,8 +163,8 @@ pub async fn run<F, Fut>(
         if after.started && !before.started {
             // Readiness and liveness start right after startup succeeds.
             let now = Instant::now();
-            due[idx(Kind::Readiness)] = due[idx(Kind::Readiness)].max(now);
-            due[idx(Kind::Liveness)] = due[idx(Kind::Liveness)].max(now);
+            due[idx(ProbeKind::Readiness)] = due[idx(ProbeKind::Readiness)].max(now);
+            due[idx(ProbeKind::Liveness)] = due[idx(ProbeKind::Liveness)].max(now);
         }
         if after != before {
             out.send_replace(after);
@@ -204,31 +197,31 @@ mod tests {
     #[test]
     fn startup_gates_readiness_and_liveness() {
         let mut m = Machine::new(&probes(1, 3));
-        assert_eq!(m.active(), &[Kind::Startup]);
+        assert_eq!(m.active(), &[ProbeKind::Startup]);
         // Readiness results before startup succeeded are ignored.
-        assert!(!m.record(Kind::Readiness, true).ready);
-        assert!(!m.record(Kind::Startup, false).started);
-        assert!(m.record(Kind::Startup, true).started);
-        assert_eq!(m.active(), &[Kind::Readiness, Kind::Liveness]);
-        assert!(m.record(Kind::Readiness, true).ready);
+        assert!(!m.record(ProbeKind::Readiness, true).ready);
+        assert!(!m.record(ProbeKind::Startup, false).started);
+        assert!(m.record(ProbeKind::Startup, true).started);
+        assert_eq!(m.active(), &[ProbeKind::Readiness, ProbeKind::Liveness]);
+        assert!(m.record(ProbeKind::Readiness, true).ready);
     }
 
     #[test]
     fn thresholds_count_consecutive_results() {
         let mut m = Machine::new(&probes(1, 2));
-        m.record(Kind::Startup, true);
-        m.record(Kind::Readiness, true);
+        m.record(ProbeKind::Startup, true);
+        m.record(ProbeKind::Readiness, true);
         // One failure is below the threshold of 2; a success in between resets the count.
-        assert!(m.record(Kind::Readiness, false).ready);
-        assert!(m.record(Kind::Readiness, true).ready);
-        assert!(m.record(Kind::Readiness, false).ready);
-        assert!(!m.record(Kind::Readiness, false).ready);
+        assert!(m.record(ProbeKind::Readiness, false).ready);
+        assert!(m.record(ProbeKind::Readiness, true).ready);
+        assert!(m.record(ProbeKind::Readiness, false).ready);
+        assert!(!m.record(ProbeKind::Readiness, false).ready);
         assert!(
-            m.record(Kind::Readiness, true).ready,
+            m.record(ProbeKind::Readiness, true).ready,
             "readiness comes back"
         );
-        assert_eq!(m.record(Kind::Liveness, false).failed, None);
-        let h = m.record(Kind::Liveness, false);
+        assert_eq!(m.record(ProbeKind::Liveness, false).failed, None);
+        let h = m.record(ProbeKind::Liveness, false);
         assert_eq!(h.failed, Some("liveness probe failed"));
         assert!(!h.ready);
         assert!(m.active().is_empty());
@@ -237,9 +230,9 @@ mod tests {
     #[test]
     fn startup_failure_threshold_fails_the_instance() {
         let mut m = Machine::new(&probes(1, 2));
-        m.record(Kind::Startup, false);
+        m.record(ProbeKind::Startup, false);
         assert_eq!(
-            m.record(Kind::Startup, false).failed,
+            m.record(ProbeKind::Startup, false).failed,
             Some("startup probe failed")
         );
     }

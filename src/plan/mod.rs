@@ -10,6 +10,8 @@ pub mod instance;
 pub mod model;
 pub mod placement;
 pub mod ports;
+#[cfg(test)]
+pub mod testing;
 
 pub use build::{build, check, gpus_needed};
 pub use instance::{labels, spec_hash, KV_TRANSFER_CONFIG};

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::proxy::ProxySection;
+pub use crate::spec::vocab::{PullPolicy, RestartPolicy, Role};
 
 /// Bumped only on an incompatible change of the JSON shape.
 pub const PLAN_SCHEMA_VERSION: u32 = 1;
@@ -66,36 +67,6 @@ pub enum RuntimePlan {
         /// `vllm`); each instance's `argv` already starts with it.
         command: Vec<String>,
     },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PullPolicy {
-    Always,
-    IfNotPresent,
-    Never,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Prefill,
-    Decode,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Prefill => "prefill",
-            Role::Decode => "decode",
-        }
-    }
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// One engine replica: everything a runtime needs to start it and a prober needs to watch it.
@@ -184,12 +155,4 @@ pub struct Probe {
     pub timeout_seconds: u32,
     pub failure_threshold: u32,
     pub success_threshold: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RestartPolicy {
-    Always,
-    OnFailure,
-    Never,
 }

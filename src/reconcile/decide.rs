@@ -237,8 +237,9 @@ pub fn routable(inst: &Instance, o: Option<&Observed>, t: Option<&Tracker>) -> b
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::testing::instance;
     use crate::plan::Role;
-    use crate::reconcile::testing::{instance, observed};
+    use crate::reconcile::testing::observed;
     use crate::runtime::ExitInfo;
 
     fn cfg() -> Config {

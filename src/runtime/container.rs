@@ -99,14 +99,25 @@ pub fn container_body(inst: &Instance, image: &str, network_mode: &str) -> Conta
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::testing::instance;
+    use crate::plan::{EnvVar, GpuAssignment, Mount as PlanMount, Role};
 
-    fn instance() -> Instance {
-        serde_json::from_value(crate::export::tests::instance_json()).unwrap()
+    /// A decode replica on GPU 1 sharing the host's IPC and PID namespaces.
+    fn gpu_instance() -> Instance {
+        let mut inst = instance("t", Role::Decode, 0, "h1");
+        inst.gpus = vec![GpuAssignment {
+            index: 1,
+            uuid: "GPU-1".into(),
+        }];
+        inst.ipc_mode = NamespaceMode::Host;
+        inst.pid_mode = NamespaceMode::Host;
+        inst.shm_size_bytes = 2 << 30;
+        inst
     }
 
     #[test]
     fn gpus_by_explicit_id_and_host_shm_without_size() {
-        let body = container_body(&instance(), "img", "host");
+        let body = container_body(&gpu_instance(), "img", "host");
         let host = body.host_config.unwrap();
         let request = &host.device_requests.unwrap()[0];
         assert_eq!(request.device_ids.as_deref(), Some(&["1".to_string()][..]));
@@ -123,7 +134,7 @@ mod tests {
 
     #[test]
     fn private_ipc_gets_the_planned_shm_and_bridge_gets_loopback_ports() {
-        let mut i = instance();
+        let mut i = gpu_instance();
         i.ipc_mode = NamespaceMode::Private;
         i.gpus.clear();
         let host = container_body(&i, "img", "bridge").host_config.unwrap();
@@ -133,17 +144,10 @@ mod tests {
         let b = bindings["8200/tcp"].as_ref().unwrap();
         assert_eq!(b[0].host_ip.as_deref(), Some("127.0.0.1"));
     }
-}
-
-#[cfg(test)]
-mod runtime_tests {
-    use super::*;
-    use crate::plan::{EnvVar, GpuAssignment, Mount as PlanMount};
-    use crate::reconcile::testing::instance;
 
     #[test]
     fn gpu_container_shares_host_ipc_and_pid_and_names_its_devices() {
-        let mut inst = instance("p", crate::plan::Role::Prefill, 0, "h1");
+        let mut inst = instance("p", Role::Prefill, 0, "h1");
         inst.gpus = vec![GpuAssignment {
             index: 2,
             uuid: "GPU-abc".into(),
@@ -177,7 +181,7 @@ mod runtime_tests {
 
     #[test]
     fn cpu_container_gets_private_shm_of_planned_size_and_loopback_ports() {
-        let mut inst = instance("p", crate::plan::Role::Decode, 1, "h1");
+        let mut inst = instance("p", Role::Decode, 1, "h1");
         inst.env = vec![EnvVar {
             name: "A".into(),
             value: "b=c".into(),

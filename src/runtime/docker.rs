@@ -34,14 +34,6 @@ pub struct DockerRuntime {
     network_mode: String,
 }
 
-fn policy_name(p: PullPolicy) -> &'static str {
-    match p {
-        PullPolicy::Always => "always",
-        PullPolicy::IfNotPresent => "if-not-present",
-        PullPolicy::Never => "never",
-    }
-}
-
 impl DockerRuntime {
     /// Connects through `DOCKER_HOST` (unix, tcp) or the local socket, negotiates the API
     /// version (the engine here speaks 1.41, bollard defaults to 1.53) and pings.
@@ -68,7 +60,7 @@ impl DockerRuntime {
     }
 
     async fn pull(&self, image: &str, progress: Progress<'_>) -> Result<(), RuntimeError> {
-        let policy = policy_name(self.pull_policy);
+        let policy = self.pull_policy.as_str();
         let opts = CreateImageOptionsBuilder::default()
             .from_image(image)
             .build();
@@ -149,7 +141,7 @@ impl Runtime for DockerRuntime {
                 PullPolicy::Never if self.image_present(image).await => Ok(()),
                 PullPolicy::Never => Err(RuntimeError::ImageMissing {
                     image: image.into(),
-                    policy: policy_name(self.pull_policy),
+                    policy: self.pull_policy.as_str(),
                 }),
                 PullPolicy::IfNotPresent if self.image_present(image).await => Ok(()),
                 PullPolicy::IfNotPresent | PullPolicy::Always => self.pull(image, progress).await,

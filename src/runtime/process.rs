@@ -452,7 +452,7 @@ mod tests {
     async fn start_stop_and_list_a_process_group() {
         let dir = tempfile::tempdir().unwrap();
         let rt = ProcessRuntime::new(dir.path()).unwrap();
-        let mut inst = crate::reconcile::testing::instance("t", crate::plan::Role::Decode, 0, "h");
+        let mut inst = crate::plan::testing::instance("t", crate::plan::Role::Decode, 0, "h");
         inst.argv = ["sh", "-c", "echo hello; sleep 30 & sleep 30"]
             .map(String::from)
             .to_vec();

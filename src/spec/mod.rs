@@ -13,11 +13,13 @@ pub mod spans;
 mod suggest;
 pub mod types;
 mod validate;
+pub mod vocab;
 
 pub use error::{Diagnostic, SpecError};
 pub use spans::{Seg, SpanIndex};
 pub use types::*;
 pub use validate::is_project_name;
+pub use vocab::{ProbeKind, PullPolicy, RestartPolicy, Role};
 
 /// A parsed, validated pools.toml together with what is needed to point into it.
 #[derive(Debug, Clone)]
@@ -145,10 +147,7 @@ mod tests {
         assert_eq!(l.spec.prefill.replicas, 1);
         assert_eq!(l.spec.decode.gpus_per_replica, 1);
         assert_eq!(l.spec.decode.shm_size, "1Gi");
-        assert_eq!(
-            l.spec.decode.http_port_base(crate::plan::Role::Decode),
-            8200
-        );
+        assert_eq!(l.spec.decode.http_port_base(Role::Decode), 8200);
     }
 
     #[test]

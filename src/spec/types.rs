@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::model::{PullPolicy, RestartPolicy, Role};
 use crate::spec::proxy::ProxySection;
+use crate::spec::vocab::{ProbeKind, PullPolicy, RestartPolicy, Role};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -140,39 +140,6 @@ pub struct ProbesSection {
     pub startup: ProbeSection,
     pub readiness: ProbeSection,
     pub liveness: ProbeSection,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProbeKind {
-    Startup,
-    Readiness,
-    Liveness,
-}
-
-impl ProbeKind {
-    pub const ALL: [ProbeKind; 3] = [
-        ProbeKind::Startup,
-        ProbeKind::Readiness,
-        ProbeKind::Liveness,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProbeKind::Startup => "startup",
-            ProbeKind::Readiness => "readiness",
-            ProbeKind::Liveness => "liveness",
-        }
-    }
-
-    /// KServe templates: startup 10s × 60, readiness 1s/1s/2, liveness 10s/1s/10, no delays.
-    pub fn defaults(self) -> (u32, u32, u32, u32) {
-        // (initial delay, period, timeout, failure threshold)
-        match self {
-            ProbeKind::Startup => (0, 10, 1, 60),
-            ProbeKind::Readiness => (0, 1, 1, 2),
-            ProbeKind::Liveness => (0, 10, 1, 10),
-        }
-    }
 }
 
 impl ProbesSection {

@@ -4,9 +4,9 @@
 use std::collections::HashSet;
 
 use super::spans::Seg;
-use super::types::{GpuSelector, ProbeKind, RuntimeKind};
+use super::types::{GpuSelector, RuntimeKind};
+use super::vocab::{ProbeKind, Role};
 use super::{is_env_name, quantity, Diagnostic, LoadedSpec};
-use crate::plan::model::Role;
 
 /// Engine flags pdctl derives per instance; setting them in `args` would break the plan.
 const MANAGED_FLAGS: &[&str] = &[

@@ -1,0 +1,53 @@
+//! Hand-built instances for unit tests of the layers above the plan (runtime, health,
+//! reconcile, export), so none of them needs another's fixtures.
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+pub fn instance(project: &str, role: Role, index: u32, hash: &str) -> Instance {
+    let name = format!("pdctl-{project}-{role}-{index}");
+    let port = match role {
+        Role::Prefill => 8100,
+        Role::Decode => 8200,
+    } + index as u16;
+    let probe = Probe {
+        path: "/health".into(),
+        port,
+        initial_delay_seconds: 0,
+        period_seconds: 1,
+        timeout_seconds: 1,
+        failure_threshold: 3,
+        success_threshold: 1,
+    };
+    let mut inst = Instance {
+        name,
+        role,
+        index,
+        gpus: vec![],
+        http_port: port,
+        side_channel_port: port - 2500,
+        image: Some("pdctl-sim:dev".into()),
+        argv: ["vllm", "serve", "m", "--port", &port.to_string()]
+            .map(String::from)
+            .to_vec(),
+        env: vec![],
+        mounts: vec![],
+        shm_size: "1Gi".into(),
+        shm_size_bytes: 1 << 30,
+        ipc_mode: NamespaceMode::Private,
+        pid_mode: NamespaceMode::Private,
+        probes: Probes {
+            startup: probe.clone(),
+            readiness: probe.clone(),
+            liveness: probe,
+        },
+        labels: BTreeMap::new(),
+        restart_policy: RestartPolicy::Always,
+        stop_signal: "SIGTERM".into(),
+        stop_grace_seconds: 5,
+        spec_hash: hash.into(),
+    };
+    inst.labels = labels(project, &inst);
+    inst
+}
