@@ -29,19 +29,27 @@ pub fn pod_port(role: Role) -> u16 {
     }
 }
 
-/// The plan's argv with the `--port` value replaced by the pod's port.
+/// The plan's argv with the `--port` value replaced by the pod's port, and without the host's
+/// loopback `--host`: the pod's Service and kubelet's probes reach the engine on the pod's IP.
 pub fn argv_for_pod(instance: &Instance) -> Vec<String> {
     let port = pod_port(instance.role).to_string();
-    let mut argv = instance.argv.clone();
-    let mut i = 0;
-    while i < argv.len() {
-        if argv[i] == "--port" && i + 1 < argv.len() {
-            argv[i + 1] = port.clone();
-            i += 1;
-        } else if argv[i].starts_with("--port=") {
-            argv[i] = format!("--port={port}");
+    let mut argv = Vec::with_capacity(instance.argv.len());
+    let mut args = instance.argv.iter();
+    while let Some(arg) = args.next() {
+        if arg == "--port" {
+            args.next();
+            argv.extend(["--port".to_string(), port.clone()]);
+        } else if arg.starts_with("--port=") {
+            argv.push(format!("--port={port}"));
+        } else if arg == "--host" {
+            let host = args.next();
+            if host.map(String::as_str) != Some(crate::plan::ENGINE_HOST) {
+                argv.push(arg.clone());
+                argv.extend(host.cloned());
+            }
+        } else {
+            argv.push(arg.clone());
         }
-        i += 1;
     }
     argv
 }
@@ -328,5 +336,19 @@ mod tests {
             argv_for_pod(&i),
             ["vllm", "serve", "m", "--port", "8001", "--x", "--port=8001"]
         );
+    }
+
+    #[test]
+    fn a_pod_listens_on_its_own_ip_not_the_hosts_loopback() {
+        let mut i: Instance =
+            serde_json::from_value(crate::export::tests::instance_json()).unwrap();
+        i.argv = ["vllm", "serve", "m", "--host", "127.0.0.1", "--x"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(argv_for_pod(&i), ["vllm", "serve", "m", "--x"]);
+        i.argv = ["vllm", "serve", "m", "--host", "0.0.0.0"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(argv_for_pod(&i), i.argv, "a host the user chose stays");
     }
 }

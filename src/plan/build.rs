@@ -326,6 +326,58 @@ mod tests {
             .ends_with(&["--tensor-parallel-size".into(), "1".into()]));
     }
 
+    fn flag<'a>(i: &'a Instance, name: &str) -> Option<&'a str> {
+        let at = i.argv.iter().position(|a| a == name)?;
+        i.argv.get(at + 1).map(String::as_str)
+    }
+
+    #[test]
+    fn each_role_gets_its_own_kv_role() {
+        let p = plan(DOCKER, "2");
+        let kv = |role| flag(p.instances_of(role).next().unwrap(), "--kv-transfer-config");
+        assert_eq!(
+            kv(Role::Prefill),
+            Some(r#"{"kv_connector":"NixlConnector","kv_role":"kv_producer"}"#)
+        );
+        assert_eq!(
+            kv(Role::Decode),
+            Some(r#"{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}"#)
+        );
+    }
+
+    #[test]
+    fn engines_listen_on_loopback_unless_the_pool_or_a_bridge_network_says_otherwise() {
+        let p = plan(DOCKER, "2");
+        assert_eq!(flag(&p.instances[0], "--host"), Some("127.0.0.1"));
+        let own = plan(
+            &format!("{DOCKER}[decode]\nargs = [\"--host=0.0.0.0\"]\n"),
+            "2",
+        );
+        let d = own.instances_of(Role::Decode).next().unwrap();
+        assert_eq!(flag(d, "--host"), None);
+        assert!(d.argv.contains(&"--host=0.0.0.0".to_string()));
+        let bridged = plan(
+            &format!("{DOCKER}[runtime]\nnetwork_mode = \"bridge\"\n"),
+            "2",
+        );
+        assert_eq!(flag(&bridged.instances[0], "--host"), None);
+    }
+
+    #[test]
+    fn probe_paths_stay_out_of_the_access_log() {
+        let p = plan(DOCKER, "2");
+        assert_eq!(
+            flag(&p.instances[0], "--disable-access-log-for-endpoints"),
+            Some("/health")
+        );
+        let src = format!("{DOCKER}[prefill.probes.readiness]\npath = \"/v1/models\"\n");
+        let p = plan(&src, "2");
+        assert_eq!(
+            flag(&p.instances[0], "--disable-access-log-for-endpoints"),
+            Some("/health,/v1/models")
+        );
+    }
+
     #[test]
     fn scaling_one_role_keeps_the_other_roles_hashes() {
         let one = plan(DOCKER, "4");

@@ -8,8 +8,18 @@ use super::model::*;
 use super::ports;
 use crate::spec::{quantity, LoadedSpec, PoolSection, ProbeKind, Spec};
 
-/// vLLM's NixlConnector on both roles; `kv_role` is a placeholder, the proxy decides roles.
-pub const KV_TRANSFER_CONFIG: &str = r#"{"kv_connector":"NixlConnector","kv_role":"kv_both"}"#;
+/// vLLM's NixlConnector, with the role vLLM asks for: it deprecates `kv_both` ("set
+/// kv_role='kv_producer' for prefill instances and 'kv_consumer' for decode instances").
+pub fn kv_transfer_config(role: Role) -> &'static str {
+    match role {
+        Role::Prefill => r#"{"kv_connector":"NixlConnector","kv_role":"kv_producer"}"#,
+        Role::Decode => r#"{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}"#,
+    }
+}
+
+/// Where an engine listens unless its pool's `args` name a `--host`: vLLM binds every interface
+/// without one, and nothing but pdctl's daemon and proxy on this host needs to reach it.
+pub const ENGINE_HOST: &str = "127.0.0.1";
 
 /// Where Docker containers see the model: KServe's mount points.
 pub const MODEL_MOUNT: &str = "/mnt/models";
@@ -46,7 +56,7 @@ pub(super) fn instance(
             RuntimePlan::Docker { image, .. } => Some(image.clone()),
             RuntimePlan::Process { .. } => None,
         },
-        argv: argv(spec, pool, model, runtime, http_port),
+        argv: argv(spec, pool, model, runtime, role, http_port),
         env: env(spec, pool, model, docker, side_channel_port, &gpus),
         mounts: mounts(model, docker),
         gpus,
@@ -76,6 +86,7 @@ fn argv(
     pool: &PoolSection,
     model: &ModelPlan,
     runtime: &RuntimePlan,
+    role: Role,
     http_port: u16,
 ) -> Vec<String> {
     let (mut argv, model_arg) = match (runtime, &model.source) {
@@ -98,14 +109,31 @@ fn argv(
     };
     argv.extend(["serve".into(), model_arg]);
     argv.extend(["--port".into(), http_port.to_string()]);
+    let user_sets = |flag: &str| pool.args.iter().any(|a| a.split('=').next() == Some(flag));
+    // Behind a Docker bridge network the engine is reached through published ports, so it must
+    // listen on the container's own interfaces.
+    let bridged =
+        matches!(runtime, RuntimePlan::Docker { network_mode, .. } if network_mode != "host");
+    if !user_sets("--host") && !bridged {
+        argv.extend(["--host".into(), ENGINE_HOST.into()]);
+    }
     argv.extend(["--served-model-name".into(), model.served_name.clone()]);
     // A user's own --kv-transfer-config replaces ours, as KServe's template does.
-    if !pool
-        .args
-        .iter()
-        .any(|a| a.split('=').next() == Some("--kv-transfer-config"))
-    {
-        argv.extend(["--kv-transfer-config".into(), KV_TRANSFER_CONFIG.into()]);
+    if !user_sets("--kv-transfer-config") {
+        argv.extend([
+            "--kv-transfer-config".into(),
+            kv_transfer_config(role).into(),
+        ]);
+    }
+    // The probes ask every second or so; each would be an access-log line.
+    if !user_sets("--disable-access-log-for-endpoints") {
+        let mut paths: Vec<String> = ProbeKind::ALL
+            .iter()
+            .map(|&k| probe(pool, k, http_port).path)
+            .collect();
+        paths.sort();
+        paths.dedup();
+        argv.extend(["--disable-access-log-for-endpoints".into(), paths.join(",")]);
     }
     let tp = pool.gpus_per_replica.max(1);
     argv.extend(["--tensor-parallel-size".into(), tp.to_string()]);

@@ -14,7 +14,7 @@ pub mod ports;
 pub mod testing;
 
 pub use build::{build, check, gpus_needed};
-pub use instance::{labels, spec_hash, KV_TRANSFER_CONFIG};
+pub use instance::{kv_transfer_config, labels, spec_hash, ENGINE_HOST};
 pub use model::*;
 
 use crate::gpu::{GpuError, GpuInventory};
