@@ -13,12 +13,12 @@ pub mod ports;
 #[cfg(test)]
 pub mod testing;
 
-pub use build::{build, check, gpus_needed};
+pub use build::{build, check, gpus_needed, runtime_plan};
 pub use instance::{labels, spec_hash, KV_TRANSFER_CONFIG};
 pub use model::*;
 
-use crate::gpu::{GpuError, GpuInventory};
-use crate::spec::{self, SpecError};
+use crate::gpu::{GpuError, GpuInfo, GpuInventory};
+use crate::spec::{self, LoadedSpec, SpecError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -40,9 +40,13 @@ impl PlanError {
     }
 }
 
-/// Loads `path`, checks it, and builds its plan. The inventory is queried only when some
-/// replica needs a GPU, so CPU/simulated deployments plan on machines without a driver.
-pub fn plan_file(path: &Path, inventory: &dyn GpuInventory) -> Result<Plan, PlanError> {
+/// Loads `path`, checks it, and reads the GPUs it needs: everything [`build`] takes. The
+/// inventory is queried only when some replica needs a GPU, so CPU/simulated deployments plan on
+/// machines without a driver.
+pub fn load(
+    path: &Path,
+    inventory: &dyn GpuInventory,
+) -> Result<(LoadedSpec, Vec<GpuInfo>), PlanError> {
     let loaded = spec::load(path)?;
     check(&loaded)?;
     let gpus = if gpus_needed(&loaded.spec) > 0 || loaded.spec.gpus.is_some() {
@@ -53,5 +57,11 @@ pub fn plan_file(path: &Path, inventory: &dyn GpuInventory) -> Result<Plan, Plan
         tracing::debug!("no replica needs a GPU; inventory not queried");
         Vec::new()
     };
+    Ok((loaded, gpus))
+}
+
+/// Loads `path`, checks it, and builds its plan (see [`load`]).
+pub fn plan_file(path: &Path, inventory: &dyn GpuInventory) -> Result<Plan, PlanError> {
+    let (loaded, gpus) = load(path, inventory)?;
     build(&loaded, &gpus)
 }
