@@ -22,22 +22,12 @@ use crate::spec::{self, LoadedSpec, SpecError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
-    /// The file is wrong (located diagnostics; exit status 2).
+    /// The file is wrong (located diagnostics).
     #[error("{0}")]
     Invalid(#[from] SpecError),
     /// The GPU inventory could not be read.
     #[error("{0}")]
     Gpu(#[from] GpuError),
-}
-
-impl PlanError {
-    /// 2 for bad input (a missing file included), 1 when the host could not be inspected.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            PlanError::Invalid(_) => 2,
-            PlanError::Gpu(_) => 1,
-        }
-    }
 }
 
 /// Loads `path`, checks it, and reads the GPUs it needs: everything [`build`] takes. The
