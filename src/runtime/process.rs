@@ -269,7 +269,10 @@ impl Runtime for ProcessRuntime {
             let Some(pid) = rec.pid.filter(|_| Self::alive(&rec)) else {
                 return Ok(());
             };
-            let sig = rec.stop_signal.as_deref().map_or(libc::SIGTERM, signal_number);
+            let sig = rec
+                .stop_signal
+                .as_deref()
+                .map_or(libc::SIGTERM, signal_number);
             signal_group(pid, sig);
             let deadline = tokio::time::Instant::now() + grace;
             while Self::alive(&rec) && tokio::time::Instant::now() < deadline {
@@ -500,7 +503,10 @@ mod tests {
         }
         rt.stop(&inst.name, Duration::from_secs(5)).await.unwrap();
         let log = std::fs::read_to_string(rt.log_path(&inst.name)).unwrap();
-        assert!(log.contains("got INT"), "stopped with another signal: {log:?}");
+        assert!(
+            log.contains("got INT"),
+            "stopped with another signal: {log:?}"
+        );
         rt.remove(&inst.name).await.unwrap();
     }
 }
