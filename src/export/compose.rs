@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::plan::{NamespaceMode, Plan, RuntimePlan};
+use crate::plan::{NamespaceMode, Plan, RuntimePlan, HOST_NETWORK_MODE};
 
 use super::{ExportError, Options};
 
@@ -91,7 +91,7 @@ pub fn render(plan: &Plan, opts: &Options) -> Result<Compose, ExportError> {
             network_mode,
             ..
         } => (image.clone(), network_mode.clone()),
-        RuntimePlan::Process { .. } => (opts.pdctl_image.clone(), "host".to_string()),
+        RuntimePlan::Process { .. } => (opts.pdctl_image.clone(), HOST_NETWORK_MODE.to_string()),
     };
     let mut services = BTreeMap::new();
     for instance in &plan.instances {
@@ -108,8 +108,7 @@ pub fn render(plan: &Plan, opts: &Options) -> Result<Compose, ExportError> {
             network_mode: network_mode.clone(),
             ipc: host_ipc.then_some("host"),
             pid: (instance.pid_mode == NamespaceMode::Host).then_some("host"),
-            // With the host's IPC namespace the host's /dev/shm is used: no size to set.
-            shm_size: (!host_ipc).then_some(instance.shm_size_bytes),
+            shm_size: instance.private_shm_bytes(),
             volumes: instance
                 .mounts
                 .iter()
@@ -167,7 +166,7 @@ pub fn render(plan: &Plan, opts: &Options) -> Result<Compose, ExportError> {
             entrypoint: vec!["pdctl".into()],
             command: literals(&command),
             environment: api_key_env(plan),
-            network_mode: "host".into(),
+            network_mode: HOST_NETWORK_MODE.into(),
             stop_signal: "SIGTERM".into(),
             stop_grace_period: "30s".into(),
             restart: "always",

@@ -17,11 +17,8 @@ use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::{
-    role_of, ExitInfo, Observed, Progress, RunState, Runtime, RuntimeError, RuntimeEvent,
-    LABEL_PROJECT,
-};
-use crate::plan::Instance;
+use super::{ExitInfo, Observed, Progress, RunState, Runtime, RuntimeError, RuntimeEvent};
+use crate::plan::{label, Instance};
 
 /// What the state directory remembers about one instance.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -318,7 +315,7 @@ impl Runtime for ProcessRuntime {
                 else {
                     continue;
                 };
-                if rec.labels.get(LABEL_PROJECT).map(String::as_str) != Some(project) {
+                if rec.labels.get(label::PROJECT).map(String::as_str) != Some(project) {
                     continue;
                 }
                 let (state, exit) = match rec.pid {
@@ -334,7 +331,7 @@ impl Runtime for ProcessRuntime {
                 };
                 out.push(Observed {
                     id: rec.pid.map(|p| p.to_string()).unwrap_or_default(),
-                    role: role_of(&rec.labels),
+                    role: label::role(&rec.labels),
                     name: rec.name,
                     spec_hash: rec.spec_hash,
                     labels: rec.labels,
