@@ -14,7 +14,7 @@ use crate::spec::proxy::{PickPolicy, PrefillFailurePolicy, ProxySection};
 use super::discovery::{self, Sources};
 use super::endpoints::{Endpoint, EndpointSet};
 use super::security::Allowlist;
-use super::server::{serve, Config, Mode};
+use super::{serve, Config, Mode};
 
 /// Flags shared by both front doors; each maps onto a `[proxy]` key of pools.toml.
 #[derive(Debug, Clone, Args)]

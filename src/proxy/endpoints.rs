@@ -1,11 +1,6 @@
 //! The live set of READY engine endpoints the proxy routes to. The daemon's reconciler publishes
 //! it on a `tokio::sync::watch` channel; `pdctl proxy` builds a fixed one from its flags.
-//!
-//! Contract between the daemon and the proxy (issue 4 implements it in this module tree):
-//! `proxy::serve_embedded(listener: tokio::net::TcpListener, section: ProxySection,
-//!  endpoints: watch::Receiver<EndpointSet>, shutdown: tokio_util::sync::CancellationToken)
-//!  -> Result<(), ProxyError>` serves until `shutdown` is cancelled, then drains in-flight
-//! requests. The daemon binds the listener itself so a busy port is reported before startup.
+//! The daemon hands the receiving end to `serve_embedded` (see `server.rs`).
 
 use serde::{Deserialize, Serialize};
 

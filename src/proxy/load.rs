@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full};
 use tokio_util::sync::CancellationToken;
 
 use super::pick::Upstream;
-use super::server::Proxy;
+use super::state::Proxy;
 
 const PERIOD: Duration = Duration::from_secs(1);
 

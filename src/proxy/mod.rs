@@ -11,13 +11,17 @@ pub mod metrics;
 mod pd;
 pub mod pick;
 mod relay;
+mod respond;
 pub mod rewrite;
+mod route;
 pub mod security;
 mod server;
 pub mod sse;
+mod state;
 mod upstream;
 mod workers;
 
 pub use endpoints::{Endpoint, EndpointSet};
 pub use pd::PATH_HEADER;
-pub use server::{serve, serve_embedded, Config, Mode, ProxyError};
+pub use server::{serve, serve_embedded};
+pub use state::{Config, Mode, ProxyError};

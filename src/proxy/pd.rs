@@ -12,16 +12,17 @@ use http_body_util::{BodyExt, Limited};
 use crate::plan::Role;
 use crate::spec::proxy::{PickPolicy, PrefillFailurePolicy};
 
-use super::endpoints::Endpoint;
 use super::json::Object;
 use super::metrics::PathTaken;
 use super::pick::{InFlight, Upstream};
+use super::relay;
+use super::respond::{error, full, respond, Body};
 use super::rewrite::{
     decode_body, estimate_prompt_tokens, prefill_body, prefix_key, read_prefill, rewrite_json_body,
     Api, PrefillResult,
 };
-use super::server::{client_request_id, error, full, relay, respond, Body, Mode, Proxy};
 use super::sse::SseUsageRewriter;
+use super::state::{PrefillChoice, Proxy};
 use super::upstream::{
     self, clean_response_headers, Failure, PooledBody, UpstreamClient, PREFILLER_HEADER,
 };
@@ -153,50 +154,18 @@ fn choose_prefill(proxy: &Proxy, headers: &HeaderMap, client: &Object<'_>, api: 
     if threshold > 0 && estimate_prompt_tokens(client, api) < threshold {
         return Choice::DecodeOnly;
     }
-    let requested = header_target(headers);
-    match &proxy.cfg.mode {
-        Mode::Pools => {
-            // A client may only name a prefill pdctl already routes to; anything else is ignored.
-            if let Some(target) = requested {
-                let pools = proxy.pools();
-                if let Some(known) = pools.prefill.iter().find(|u| u.authority == target) {
-                    return Choice::Prefill(known.clone());
-                }
-                tracing::debug!(%target, "ignoring x-prefiller-host-port that names no known prefill");
-            }
-            match proxy.pick(Role::Prefill, &[], None) {
-                Some(target) => Choice::Prefill(target),
-                None if proxy.cfg.section.prefill_failure == PrefillFailurePolicy::Fallback => {
-                    proxy.metrics.fallbacks.inc();
-                    Choice::DecodeOnly
-                }
-                None => Choice::Refuse(error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no ready prefill endpoint",
-                )),
-            }
-        }
-        Mode::Sidecar { ssrf } => {
-            let Some(target) = requested else {
-                return Choice::DecodeOnly;
-            };
-            if let Some(allow) = ssrf {
-                if !allow.allows(&target) {
-                    tracing::warn!(%target, "prefill target refused by SSRF protection");
-                    return Choice::Refuse(respond(
-                        StatusCode::FORBIDDEN,
-                        "text/plain; charset=utf-8",
-                        Bytes::from_static(
-                            b"Forbidden: prefill target not allowed by SSRF protection",
-                        ),
-                    ));
-                }
-            }
-            Choice::Prefill(Arc::new(Upstream::new(Endpoint {
-                id: target.clone(),
-                url: format!("http://{target}"),
-            })))
-        }
+    match proxy.choose_prefill(header_target(headers)) {
+        PrefillChoice::Target(target) => Choice::Prefill(target),
+        PrefillChoice::DecodeOnly => Choice::DecodeOnly,
+        PrefillChoice::NoneReady => Choice::Refuse(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no ready prefill endpoint",
+        )),
+        PrefillChoice::Forbidden => Choice::Refuse(respond(
+            StatusCode::FORBIDDEN,
+            "text/plain; charset=utf-8",
+            Bytes::from_static(b"Forbidden: prefill target not allowed by SSRF protection"),
+        )),
     }
 }
 
@@ -255,11 +224,8 @@ async fn run_prefill(
                 .saturating_mul(1 << (attempt - 1).min(16))
                 .min(MAX_BACKOFF);
             tokio::time::sleep(backoff).await;
-            if matches!(proxy.cfg.mode, Mode::Pools) {
-                let exclude: Vec<&str> = tried.iter().map(String::as_str).collect();
-                if let Some(other) = proxy.pick(Role::Prefill, &exclude, None) {
-                    target = other;
-                }
+            if let Some(other) = proxy.another_prefill(&tried) {
+                target = other;
             }
         }
         tried.push(target.endpoint.url.clone());
@@ -352,6 +318,15 @@ fn pass_on(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Response<Bod
     response
 }
 
+/// The client's own `X-Request-Id`, when it sent one: both legs and the answer carry it.
+pub fn client_request_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
 fn mark(headers: &mut HeaderMap, request_id: &str, path: PathTaken) {
     if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert("x-request-id", v);
@@ -411,7 +386,7 @@ pub async fn to_decode(
                         let event_stream = format == Format::EventStream;
                         let rewrite = cached.filter(|_| event_stream).map(SseUsageRewriter::new);
                         proxy.count(leg.route, status, leg.path);
-                        relay(
+                        relay::to_client(
                             &proxy,
                             answer,
                             event_stream,

@@ -8,19 +8,46 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::{header, Response};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::pick::InFlight;
-use super::server::{BoxError, Proxy};
+use super::respond::{self, BoxError};
 use super::sse::SseUsageRewriter;
-use super::upstream::PooledBody;
+use super::state::Proxy;
+use super::upstream::{clean_response_headers, PooledBody};
+
+/// Wraps an upstream response for the client (headers cleaned, stream relayed, accounted).
+pub fn to_client(
+    proxy: &Arc<Proxy>,
+    upstream: Response<PooledBody>,
+    event_stream: bool,
+    rewrite: Option<SseUsageRewriter>,
+    start: Instant,
+    guards: Vec<InFlight>,
+) -> Response<respond::Body> {
+    let (mut parts, body) = upstream.into_parts();
+    clean_response_headers(&mut parts.headers);
+    if rewrite.is_some() {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    let finish = Finish {
+        proxy: proxy.clone(),
+        start,
+        completed: false,
+        _in_flight: guards,
+    };
+    let body = Relay::new(body, event_stream, rewrite, finish);
+    Response::from_parts(parts, BodyExt::boxed(body))
+}
 
 /// Ends a request's accounting: latency when it completes, a disconnect when dropped before.
-pub struct Finish {
-    pub proxy: Arc<Proxy>,
-    pub start: Instant,
-    pub completed: bool,
-    pub _in_flight: Vec<InFlight>,
+struct Finish {
+    proxy: Arc<Proxy>,
+    start: Instant,
+    completed: bool,
+    _in_flight: Vec<InFlight>,
 }
 
 impl Drop for Finish {
@@ -36,7 +63,7 @@ impl Drop for Finish {
     }
 }
 
-pub struct Relay {
+struct Relay {
     /// Taken away once the answer is complete for the client.
     inner: Option<PooledBody>,
     /// An OpenAI event stream: its `data: [DONE]` event is the answer's end.
@@ -48,7 +75,7 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(
+    fn new(
         inner: PooledBody,
         event_stream: bool,
         rewrite: Option<SseUsageRewriter>,

@@ -13,8 +13,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::endpoints::EndpointSet;
-use super::server::{handle, Proxy, ProxyError};
-use super::upstream::{self, UpstreamClient};
+use super::route::handle;
+use super::state::{Proxy, ProxyError, Worker};
+use super::upstream;
 
 /// How long in-flight requests may take to finish once shutdown begins.
 const DRAIN: Duration = Duration::from_secs(30);
@@ -116,33 +117,16 @@ fn spawn(
     Ok(finished)
 }
 
-/// What a worker thread owns: its engine connections and its view of the endpoint set.
-pub struct Worker {
-    pub client: UpstreamClient,
-    endpoints: std::sync::Mutex<watch::Receiver<EndpointSet>>,
-}
-
-impl Worker {
-    /// A set published before a request arrived is in use for that request: the daemon's
-    /// readiness changes and tests see no lag.
-    pub fn refresh(&self, proxy: &Proxy) {
-        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        if endpoints.has_changed().unwrap_or(false) {
-            proxy.refresh_endpoints(&mut endpoints);
-        }
-    }
-}
-
 async fn serve_connections(
     mut connections: mpsc::UnboundedReceiver<std::net::TcpStream>,
     proxy: Arc<Proxy>,
     endpoints: watch::Receiver<EndpointSet>,
     shutdown: CancellationToken,
 ) {
-    let worker = Arc::new(Worker {
-        client: upstream::client(proxy.cfg.section.connect_timeout),
-        endpoints: std::sync::Mutex::new(endpoints),
-    });
+    let worker = Arc::new(Worker::new(
+        upstream::client(proxy.cfg.section.connect_timeout),
+        endpoints,
+    ));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let stream = tokio::select! {

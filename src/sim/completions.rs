@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::engine::{estimate_tokens, splitmix64, TextGen, EOS_MARKER};
 use super::kv::{self, PullRequest};
-use super::server::{error, respond, Body};
+use super::respond::{error, respond, Body};
 use super::state::{Pending, Shared};
 
 const MAX_BODY: usize = 64 << 20;

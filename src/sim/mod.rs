@@ -9,6 +9,7 @@ mod completions;
 pub mod engine;
 pub mod kv;
 pub mod metrics;
+mod respond;
 mod server;
 mod state;
 

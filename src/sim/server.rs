@@ -1,22 +1,20 @@
-//! HTTP transport and routing of the simulator (hyper 1, HTTP/1.1 keep-alive).
+//! The simulator's front door: binds its listeners, serves HTTP/1.1 keep-alive (hyper 1) and
+//! routes each request to its handler.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use thiserror::Error;
 use tokio::net::TcpListener;
 
 use super::args::SimConfig;
+use super::respond::{error, respond, Body};
 use super::state::Shared;
 use super::{completions, kv};
-
-pub type Body = BoxBody<Bytes, Infallible>;
 
 #[derive(Debug, Error)]
 pub enum SimError {
@@ -124,34 +122,4 @@ async fn health(shared: &Shared) -> Response<Body> {
         return error(StatusCode::SERVICE_UNAVAILABLE, "engine is starting");
     }
     respond(StatusCode::OK, "application/json", String::new())
-}
-
-pub fn respond(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()).boxed());
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
-    response
-}
-
-/// vLLM's error body: `{"error":{"message","type","param","code"}}`.
-pub fn error(status: StatusCode, message: &str) -> Response<Body> {
-    let kind = match status.as_u16() {
-        400 | 413 | 422 => "BadRequestError",
-        404 => "NotFoundError",
-        405 => "MethodNotAllowed",
-        429 => "RateLimitError",
-        503 => "ServiceUnavailableError",
-        _ => "InternalServerError",
-    };
-    let body = serde_json::json!({
-        "error": {"message": message, "type": kind, "param": null, "code": status.as_u16()}
-    });
-    respond(status, "application/json", body.to_string())
 }

@@ -1,0 +1,134 @@
+//! One request at the proxy's door: local answers (health, metrics), the API key, the body
+//! limit, then the P/D exchange (`pd.rs`) or a decode passthrough.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use super::metrics::PathTaken;
+use super::pd::{self, client_request_id};
+use super::respond::{error, respond, Body};
+use super::rewrite::Api;
+use super::security::authorized;
+use super::state::{Health, Proxy, Worker};
+use super::upstream::UpstreamClient;
+
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    worker: Arc<Worker>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let start = Instant::now();
+    worker.refresh(&proxy);
+    let engines = &worker.client;
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/health") => return health(&proxy),
+        (&Method::GET, "/pdctl/metrics") => return metrics(&proxy),
+        (&Method::GET, "/metrics") if proxy.serves_metrics_at_root() => return metrics(&proxy),
+        _ => {}
+    }
+    if let Some(key) = &proxy.cfg.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if !authorized(given, key) {
+            proxy.count("auth", StatusCode::UNAUTHORIZED, PathTaken::Local);
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong API key");
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let limit = proxy.cfg.section.max_body_bytes as usize;
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            proxy.count("body", StatusCode::PAYLOAD_TOO_LARGE, PathTaken::Local);
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body is larger than {limit} bytes"),
+            );
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")),
+    };
+    // Until a response exists, a client that goes away drops this future (and with it the
+    // prefill leg): count that here, the response body counts it afterwards.
+    let gone = ClientGone(Some(proxy.clone()));
+    let response = match Api::from_path(&path) {
+        Some(api) if parts.method == Method::POST => {
+            pd::handle(proxy, engines, parts, body, api, start).await
+        }
+        _ => passthrough(proxy, engines, parts, body, start).await,
+    };
+    gone.disarm();
+    response
+}
+
+struct ClientGone(Option<Arc<Proxy>>);
+
+impl ClientGone {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ClientGone {
+    fn drop(&mut self) {
+        if let Some(proxy) = &self.0 {
+            proxy.metrics.client_disconnects.inc();
+        }
+    }
+}
+
+fn health(proxy: &Proxy) -> Response<Body> {
+    match proxy.health() {
+        Health::Ready => respond(StatusCode::OK, "application/json", Bytes::new()),
+        Health::NotReady { prefill, decode } => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "not ready: {prefill} ready prefill and {decode} ready decode endpoints (need at least one each)"
+            ),
+        ),
+    }
+}
+
+fn metrics(proxy: &Proxy) -> Response<Body> {
+    respond(
+        StatusCode::OK,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        Bytes::from(proxy.metrics.render()),
+    )
+}
+
+/// Anything that is not a P/D request goes to a decode engine unchanged.
+async fn passthrough(
+    proxy: Arc<Proxy>,
+    engines: &UpstreamClient,
+    parts: http::request::Parts,
+    body: Bytes,
+    start: Instant,
+) -> Response<Body> {
+    let request_id = client_request_id(&parts.headers).unwrap_or_else(|| proxy.request_id());
+    pd::to_decode(
+        proxy,
+        engines,
+        &parts,
+        body,
+        &request_id,
+        pd::DecodeLeg {
+            route: "passthrough",
+            path: PathTaken::Passthrough,
+            cached_tokens: None,
+            prefix: None,
+            start,
+        },
+    )
+    .await
+}
