@@ -2,8 +2,7 @@
 //! `pdctl sidecar`. One engine, two front doors: in pools mode pdctl picks both legs; in
 //! sidecar mode the prefill comes from `x-prefiller-host-port` (llm-d's contract).
 
-pub mod cli;
-mod discovery;
+pub(crate) mod discovery;
 pub mod endpoints;
 mod json;
 mod load;
