@@ -250,11 +250,7 @@ pub fn table(r: &StatusReport) -> String {
 pub fn logs(args: LogsArgs) -> CliResult {
     let l: LoadedSpec = spec::load(&args.file)?;
     let state = StateDir::for_project(&l.project);
-    let name = if args.instance.starts_with("pdctl-") {
-        args.instance.clone()
-    } else {
-        format!("pdctl-{}-{}", l.project, args.instance)
-    };
+    let name = plan::full_instance_name(&l.project, &args.instance);
     tokio_rt().block_on(async {
         let runtime = daemon::connect_runtime(&plan::runtime_plan(&l.spec), &state).await?;
         let mut stream = runtime.logs(&name, args.tail, args.follow);
