@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 
 use super::model::*;
-use super::ports;
+use super::{label, ports};
 use crate::spec::{quantity, LoadedSpec, PoolSection, ProbeKind, Spec};
 
 /// vLLM's NixlConnector, with the role vLLM asks for: it deprecates `kv_both` ("set
@@ -24,6 +24,20 @@ pub const ENGINE_HOST: &str = "127.0.0.1";
 /// Where Docker containers see the model: KServe's mount points.
 pub const MODEL_MOUNT: &str = "/mnt/models";
 pub const HF_CACHE_MOUNT: &str = "/models";
+
+/// `pdctl-<project>-<role>-<index>`: the container or process name of one replica.
+pub fn instance_name(project: &str, role: Role, index: u32) -> String {
+    format!("pdctl-{project}-{role}-{index}")
+}
+
+/// A name as a user may type it, `<role>-<index>` or the full name, as the full name.
+pub fn full_instance_name(project: &str, given: &str) -> String {
+    if given.starts_with("pdctl-") {
+        given.to_string()
+    } else {
+        format!("pdctl-{project}-{given}")
+    }
+}
 
 /// Everything one replica needs; `gpus` come from placement.
 pub(super) fn instance(
@@ -47,7 +61,7 @@ pub(super) fn instance(
     };
     let probe = |kind| probe(pool, kind, http_port);
     let mut inst = Instance {
-        name: format!("pdctl-{}-{role}-{index}", l.project),
+        name: instance_name(&l.project, role, index),
         role,
         index,
         http_port,
@@ -112,8 +126,7 @@ fn argv(
     let user_sets = |flag: &str| pool.args.iter().any(|a| a.split('=').next() == Some(flag));
     // Behind a Docker bridge network the engine is reached through published ports, so it must
     // listen on the container's own interfaces.
-    let bridged =
-        matches!(runtime, RuntimePlan::Docker { network_mode, .. } if network_mode != "host");
+    let bridged = matches!(runtime, RuntimePlan::Docker { network_mode, .. } if network_mode != super::HOST_NETWORK_MODE);
     if !user_sets("--host") && !bridged {
         argv.extend(["--host".into(), ENGINE_HOST.into()]);
     }
@@ -234,11 +247,11 @@ pub fn labels(project: &str, inst: &Instance) -> BTreeMap<String, String> {
         Role::Decode => "llminferenceservice-workload",
     };
     [
-        ("pdctl.project", project.to_string()),
-        ("pdctl.role", inst.role.to_string()),
-        ("pdctl.index", inst.index.to_string()),
-        ("pdctl.spec-hash", inst.spec_hash.clone()),
-        ("pdctl.version", env!("CARGO_PKG_VERSION").to_string()),
+        (label::PROJECT, project.to_string()),
+        (label::ROLE, inst.role.to_string()),
+        (label::INDEX, inst.index.to_string()),
+        (label::SPEC_HASH, inst.spec_hash.clone()),
+        (label::VERSION, env!("CARGO_PKG_VERSION").to_string()),
         ("app.kubernetes.io/name", project.to_string()),
         (
             "app.kubernetes.io/part-of",
