@@ -275,7 +275,7 @@ fn stream_prompt_tokens(answer: &str) -> u64 {
         .filter_map(|l| l.strip_prefix("data: "))
         .filter_map(|data| serde_json::from_str::<Value>(data).ok())
         .filter_map(|v| v["usage"]["prompt_tokens"].as_u64())
-        .last()
+        .next_back()
         .unwrap_or_else(|| panic!("no usage in the stream: {answer}"))
 }
 
