@@ -209,7 +209,9 @@ fn model_plan(l: &LoadedSpec) -> Result<ModelPlan, PlanError> {
     })
 }
 
-fn runtime_plan(spec: &Spec) -> RuntimePlan {
+/// Where the instances of `spec` run; needs no GPUs, so commands that only list, stop or read
+/// logs can reach the runtime without planning placement.
+pub fn runtime_plan(spec: &Spec) -> RuntimePlan {
     let r = &spec.runtime;
     match r.kind {
         RuntimeKind::Docker => RuntimePlan::Docker {
@@ -218,7 +220,7 @@ fn runtime_plan(spec: &Spec) -> RuntimePlan {
                 .clone()
                 .unwrap_or_else(|| crate::spec::DEFAULT_IMAGE.into()),
             pull_policy: r.pull_policy.unwrap_or(PullPolicy::IfNotPresent),
-            network_mode: r.network_mode.clone().unwrap_or_else(|| "host".into()),
+            network_mode: super::network_mode(spec).to_string(),
         },
         RuntimeKind::Process => RuntimePlan::Process {
             command: r.command.clone().unwrap_or_default(),
