@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use super::gpus::GpuArg;
 use super::FileArg;
-use crate::gpu::{FixedInventory, GpuInventory};
 use crate::plan::PlanError;
 
 use crate::export::{render, Kind, Options, Sidecar};
@@ -46,15 +45,15 @@ fn fail(e: &PlanError) -> ExitCode {
 
 pub fn run(args: ExportArgs) -> ExitCode {
     // A cluster schedules GPUs itself: placement on this host only matters to compose.
-    let inventory: Result<Box<dyn GpuInventory>, _> = match (args.kind, &args.gpu.gpus) {
-        (Kind::Compose, _) | (_, Some(_)) => args.gpu.inventory(),
-        _ => FixedInventory::parse("64").map(|i| Box::new(i) as Box<dyn GpuInventory>),
+    let plan = match args.kind {
+        Kind::Compose => args
+            .gpu
+            .inventory()
+            .map_err(PlanError::Gpu)
+            .and_then(|inventory| crate::plan::plan_file(&args.file.file, inventory.as_ref())),
+        Kind::Kserve | Kind::K8s => crate::plan::plan_file_for_cluster(&args.file.file),
     };
-    let inventory = match inventory {
-        Ok(i) => i,
-        Err(e) => return fail(&PlanError::Gpu(e)),
-    };
-    let plan = match crate::plan::plan_file(&args.file.file, inventory.as_ref()) {
+    let plan = match plan {
         Ok(plan) => plan,
         Err(e) => return fail(&e),
     };
