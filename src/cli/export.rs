@@ -1,8 +1,8 @@
 //! `pdctl export kserve|k8s|compose -f FILE [-o DIR]`.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
+use super::exit::{CliError, CliResult};
 use super::gpus::GpuArg;
 use super::FileArg;
 use crate::plan::PlanError;
@@ -35,15 +35,7 @@ pub struct ExportArgs {
     pub gpu: GpuArg,
 }
 
-fn fail(e: &PlanError) -> ExitCode {
-    match e {
-        PlanError::Invalid(_) => eprintln!("{e}"),
-        PlanError::Gpu(_) => eprintln!("error: {e}"),
-    }
-    ExitCode::from(e.exit_code())
-}
-
-pub fn run(args: ExportArgs) -> ExitCode {
+pub fn run(args: ExportArgs) -> CliResult {
     // A cluster schedules GPUs itself: placement on this host only matters to compose.
     let plan = match args.kind {
         Kind::Compose => args
@@ -53,10 +45,7 @@ pub fn run(args: ExportArgs) -> ExitCode {
             .and_then(|inventory| crate::plan::plan_file(&args.file.file, inventory.as_ref())),
         Kind::Kserve | Kind::K8s => crate::plan::plan_file_for_cluster(&args.file.file),
     };
-    let plan = match plan {
-        Ok(plan) => plan,
-        Err(e) => return fail(&e),
-    };
+    let plan = plan?;
     let pdctl_image = args
         .pdctl_image
         .unwrap_or_else(crate::export::pod::pdctl_image);
@@ -70,26 +59,19 @@ pub fn run(args: ExportArgs) -> ExitCode {
         sidecar,
         pdctl_image,
     };
-    let text = match render(args.kind, &plan, &opts) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let text = render(args.kind, &plan, &opts)?;
     match args.output {
         None => print!("{text}"),
         Some(dir) => {
             let kind = format!("{:?}", args.kind).to_lowercase();
             let path = dir.join(format!("{}-{kind}.yaml", plan.project));
-            if let Err(e) =
-                std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, &text))
-            {
-                eprintln!("error: cannot write {}: {e}", path.display());
-                return ExitCode::FAILURE;
-            }
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&path, &text))
+                .map_err(|e| {
+                    CliError::failure(anyhow::anyhow!("cannot write {}: {e}", path.display()))
+                })?;
             println!("wrote {}", path.display());
         }
     }
-    ExitCode::SUCCESS
+    Ok(())
 }

@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod daemon;
+pub mod exit;
 pub mod export;
 pub mod gpus;
 pub mod plan;
+mod progress;
 pub mod proxy;
 
 #[derive(Debug, Parser)]
@@ -112,7 +114,7 @@ pub fn main() -> ExitCode {
     }
     let cli = Cli::parse_from(args);
     init_logging(cli.log_format);
-    match cli.command {
+    let result = match cli.command {
         Command::Validate(a) => plan::validate(a),
         Command::Plan(a) => plan::plan(a),
         Command::Gpus(a) => gpus::run(a),
@@ -121,9 +123,13 @@ pub fn main() -> ExitCode {
         Command::Status(a) => daemon::status(a),
         Command::Logs(a) => daemon::logs(a),
         Command::Scale(a) => daemon::scale(a),
-        Command::Sim { args } => crate::sim::run(&args),
+        Command::Sim { args } => return crate::sim::run(&args),
         Command::Proxy(a) => proxy::run_proxy(a),
         Command::Export(a) => export::run(a),
         Command::Sidecar(a) => proxy::run_sidecar(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => e.report(),
     }
 }
