@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::model::*;
@@ -17,8 +18,8 @@ pub fn kv_transfer_config(role: Role) -> &'static str {
     }
 }
 
-/// Where an engine listens unless its pool's `args` name a `--host`: vLLM binds every interface
-/// without one, and nothing but pdctl's daemon and proxy on this host needs to reach it.
+/// Where an engine listens on this host unless its pool's `args` name a `--host`: vLLM binds
+/// every interface without one, and only pdctl's daemon and proxy on this host need it.
 pub const ENGINE_HOST: &str = "127.0.0.1";
 
 /// Where Docker containers see the model: KServe's mount points.
@@ -39,7 +40,7 @@ pub fn full_instance_name(project: &str, given: &str) -> String {
     }
 }
 
-/// Everything one replica needs; `gpus` come from placement.
+/// Everything one replica needs; `gpus` come from placement (empty when not placed on a host).
 pub(super) fn instance(
     l: &LoadedSpec,
     model: &ModelPlan,
@@ -52,9 +53,10 @@ pub(super) fn instance(
     let pool = spec.pool(role);
     let (http_port, side_channel_port) = ports::ports(spec, role, index);
     let docker = matches!(runtime, RuntimePlan::Docker { .. });
+    let gpu_count = pool.gpus_per_replica;
     // UCX's CUDA IPC between containers needs the host IPC and PID namespaces; processes
     // already share them.
-    let ns = if !docker || !gpus.is_empty() {
+    let ns = if !docker || gpu_count > 0 {
         NamespaceMode::Host
     } else {
         NamespaceMode::Private
@@ -64,16 +66,17 @@ pub(super) fn instance(
         name: instance_name(&l.project, role, index),
         role,
         index,
+        gpus,
+        gpu_count,
         http_port,
         side_channel_port,
         image: match runtime {
             RuntimePlan::Docker { image, .. } => Some(image.clone()),
             RuntimePlan::Process { .. } => None,
         },
-        argv: argv(spec, pool, model, runtime, role, http_port),
-        env: env(spec, pool, model, docker, side_channel_port, &gpus),
+        listen_host: listen_host(pool, runtime),
+        engine: engine(spec, pool, model, runtime, role, http_port),
         mounts: mounts(model, docker),
-        gpus,
         shm_size: pool.shm_size.clone(),
         // Validated by spec::load.
         shm_size_bytes: quantity::parse_bytes(&pool.shm_size).unwrap_or(0),
@@ -95,15 +98,27 @@ pub(super) fn instance(
     inst
 }
 
-fn argv(
+fn user_sets(pool: &PoolSection, flag: &str) -> bool {
+    pool.args.iter().any(|a| a.split('=').next() == Some(flag))
+}
+
+/// Behind a Docker bridge network the engine is reached through published ports, so it must
+/// listen on the container's own interfaces: no `--host` then.
+fn listen_host(pool: &PoolSection, runtime: &RuntimePlan) -> Option<String> {
+    let bridged = matches!(runtime, RuntimePlan::Docker { network_mode, .. }
+        if network_mode != super::HOST_NETWORK_MODE);
+    (!bridged && !user_sets(pool, "--host")).then(|| ENGINE_HOST.to_string())
+}
+
+fn engine(
     spec: &Spec,
     pool: &PoolSection,
     model: &ModelPlan,
     runtime: &RuntimePlan,
     role: Role,
     http_port: u16,
-) -> Vec<String> {
-    let (mut argv, model_arg) = match (runtime, &model.source) {
+) -> Engine {
+    let (command, model_arg) = match (runtime, &model.source) {
         (RuntimePlan::Process { command }, ModelSource::Path { host_path }) => {
             (command.clone(), host_path.display().to_string())
         }
@@ -121,80 +136,62 @@ fn argv(
             },
         ),
     };
-    argv.extend(["serve".into(), model_arg]);
-    argv.extend(["--port".into(), http_port.to_string()]);
-    let user_sets = |flag: &str| pool.args.iter().any(|a| a.split('=').next() == Some(flag));
-    // Behind a Docker bridge network the engine is reached through published ports, so it must
-    // listen on the container's own interfaces.
-    let bridged = matches!(runtime, RuntimePlan::Docker { network_mode, .. } if network_mode != super::HOST_NETWORK_MODE);
-    if !user_sets("--host") && !bridged {
-        argv.extend(["--host".into(), ENGINE_HOST.into()]);
-    }
-    argv.extend(["--served-model-name".into(), model.served_name.clone()]);
+    let mut args = vec!["--served-model-name".into(), model.served_name.clone()];
     // A user's own --kv-transfer-config replaces ours, as KServe's template does.
-    if !user_sets("--kv-transfer-config") {
-        argv.extend([
+    if !user_sets(pool, "--kv-transfer-config") {
+        args.extend([
             "--kv-transfer-config".into(),
             kv_transfer_config(role).into(),
         ]);
     }
     // The probes ask every second or so; each would be an access-log line.
-    if !user_sets("--disable-access-log-for-endpoints") {
+    if !user_sets(pool, "--disable-access-log-for-endpoints") {
         let mut paths: Vec<String> = ProbeKind::ALL
             .iter()
             .map(|&k| probe(pool, k, http_port).path)
             .collect();
         paths.sort();
         paths.dedup();
-        argv.extend(["--disable-access-log-for-endpoints".into(), paths.join(",")]);
+        args.extend(["--disable-access-log-for-endpoints".into(), paths.join(",")]);
     }
     let tp = pool.gpus_per_replica.max(1);
-    argv.extend(["--tensor-parallel-size".into(), tp.to_string()]);
-    argv.extend(pool.args.iter().cloned());
-    argv
+    args.extend(["--tensor-parallel-size".into(), tp.to_string()]);
+    args.extend(pool.args.iter().cloned());
+    Engine {
+        command,
+        model: model_arg,
+        args,
+        env: env(
+            spec,
+            pool,
+            model,
+            matches!(runtime, RuntimePlan::Docker { .. }),
+        ),
+    }
 }
 
-fn env(
-    spec: &Spec,
-    pool: &PoolSection,
-    model: &ModelPlan,
-    docker: bool,
-    side_channel_port: u16,
-    gpus: &[GpuAssignment],
-) -> Vec<EnvVar> {
-    let mut env: Vec<EnvVar> = Vec::new();
-    let mut set = |name: &str, value: String| match env.iter_mut().find(|e| e.name == name) {
-        Some(e) => e.value = value,
-        None => env.push(EnvVar {
-            name: name.into(),
-            value,
-        }),
-    };
-    set("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1".into());
-    set("VLLM_NIXL_SIDE_CHANNEL_PORT", side_channel_port.to_string());
-    let ucx = if gpus.is_empty() {
+/// The engine's own env; the host's bindings (side channel, GPU pinning) are added by whoever
+/// runs it.
+fn env(spec: &Spec, pool: &PoolSection, model: &ModelPlan, docker: bool) -> Vec<EnvVar> {
+    let ucx = if pool.gpus_per_replica == 0 {
         "tcp"
     } else {
         "cuda_ipc,cuda_copy,tcp"
     };
-    set("UCX_TLS", ucx.into());
+    let mut env = vec![EnvVar::new("UCX_TLS", ucx)];
     match (&model.source, docker) {
-        (ModelSource::HuggingFace { .. }, true) => set("HF_HOME", HF_CACHE_MOUNT.into()),
+        (ModelSource::HuggingFace { .. }, true) => env.push(EnvVar::new("HF_HOME", HF_CACHE_MOUNT)),
         (ModelSource::HuggingFace { cache_dir, .. }, false) if spec.model.cache_dir.is_some() => {
-            set("HF_HOME", cache_dir.display().to_string())
+            env.push(EnvVar::new("HF_HOME", cache_dir.display().to_string()))
         }
         _ => {}
     }
-    if !docker {
-        // NVML indices are PCI bus order; CUDA's default order is "fastest first".
-        set("CUDA_DEVICE_ORDER", "PCI_BUS_ID".into());
-        let ids: Vec<String> = gpus.iter().map(|g| g.index.to_string()).collect();
-        set("CUDA_VISIBLE_DEVICES", ids.join(","));
-    }
-    for (k, v) in &pool.env {
-        set(k, v.clone());
-    }
-    env
+    let pool_env: Vec<EnvVar> = pool
+        .env
+        .iter()
+        .map(|(k, v)| EnvVar::new(k, v.clone()))
+        .collect();
+    merge_env(env, &pool_env)
 }
 
 fn mounts(model: &ModelPlan, docker: bool) -> Vec<Mount> {
@@ -227,14 +224,57 @@ fn probe(pool: &PoolSection, kind: ProbeKind, port: u16) -> Probe {
     }
 }
 
-/// sha256 over the instance with labels and hash blanked, first 16 hex digits. Labels are
-/// left out because they carry the hash and the pdctl version, neither of which changes
-/// what runs.
+/// sha256 over what runs on this host, first 16 hex digits. Labels are left out because they
+/// carry the hash and the pdctl version, neither of which changes what runs. The hashed form
+/// keeps the layout of plan schema 1 (full argv and env), so that a pdctl whose plan JSON
+/// changed shape adopts the engines it started before instead of replacing them.
 pub fn spec_hash(inst: &Instance) -> String {
-    let mut bare = inst.clone();
-    bare.labels.clear();
-    bare.spec_hash.clear();
-    let json = serde_json::to_vec(&bare).expect("plan types serialise");
+    #[derive(Serialize)]
+    struct Run<'a> {
+        name: &'a str,
+        role: Role,
+        index: u32,
+        gpus: &'a [GpuAssignment],
+        http_port: u16,
+        side_channel_port: u16,
+        image: &'a Option<String>,
+        argv: Vec<String>,
+        env: Vec<EnvVar>,
+        mounts: &'a [Mount],
+        shm_size: &'a str,
+        shm_size_bytes: u64,
+        ipc_mode: NamespaceMode,
+        pid_mode: NamespaceMode,
+        probes: &'a Probes,
+        labels: BTreeMap<String, String>,
+        restart_policy: RestartPolicy,
+        stop_signal: &'a str,
+        stop_grace_seconds: u32,
+        spec_hash: &'a str,
+    }
+    let run = Run {
+        name: &inst.name,
+        role: inst.role,
+        index: inst.index,
+        gpus: &inst.gpus,
+        http_port: inst.http_port,
+        side_channel_port: inst.side_channel_port,
+        image: &inst.image,
+        argv: inst.argv(),
+        env: inst.env(),
+        mounts: &inst.mounts,
+        shm_size: &inst.shm_size,
+        shm_size_bytes: inst.shm_size_bytes,
+        ipc_mode: inst.ipc_mode,
+        pid_mode: inst.pid_mode,
+        probes: &inst.probes,
+        labels: BTreeMap::new(),
+        restart_policy: inst.restart_policy,
+        stop_signal: &inst.stop_signal,
+        stop_grace_seconds: inst.stop_grace_seconds,
+        spec_hash: "",
+    };
+    let json = serde_json::to_vec(&run).expect("plan types serialise");
     let digest = Sha256::digest(&json);
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
