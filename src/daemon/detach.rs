@@ -42,10 +42,6 @@ pub fn spawn(exe: &Path, args: &[OsString], state: &StateDir) -> Result<Detached
 }
 
 impl Detached {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     pub fn log(&self) -> &Path {
         &self.log
     }
