@@ -13,9 +13,9 @@ use super::exit::{CliError, CliResult};
 use super::gpus::GpuArg;
 use super::progress::{self, Ui};
 use super::{FileArg, OutputFormat};
-use crate::daemon::api::{self, ClientError, StatusReport};
+use crate::daemon::api::{self, StatusReport};
 use crate::daemon::down::Down;
-use crate::daemon::{self, detach, Deployment, Scale, StateDir, Up};
+use crate::daemon::{self, detach, ClientError, Deployment, Scale, StateDir, Up};
 use crate::plan;
 use crate::spec::{self, LoadedSpec};
 

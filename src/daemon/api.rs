@@ -20,7 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use super::state::Scale;
-use super::DaemonError;
+use super::{ClientError, DaemonError};
 use crate::reconcile::InstanceStatus;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -128,23 +128,6 @@ pub async fn serve(listener: UnixListener, ctl: Arc<dyn Control>, shutdown: Canc
             let _ = conn.await;
         });
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Nobody listens: the daemon is not running.
-    #[error("cannot connect to {path}: {source}")]
-    NotRunning {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("control API request failed: {0}")]
-    Http(#[from] hyper::Error),
-    #[error("{0}")]
-    Refused(String),
-    #[error("unexpected answer from the daemon: {0}")]
-    Decode(#[from] serde_json::Error),
 }
 
 /// One request to the daemon of the project whose socket is `path`.

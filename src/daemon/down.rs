@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use http::Method;
 
-use super::api::{self, ClientError};
-use super::{connect_runtime, stop_all, DaemonError, StateDir};
+use super::api;
+use super::{connect_runtime, stop_all, ClientError, DaemonError, StateDir};
 use crate::plan;
 use crate::spec::LoadedSpec;
 
