@@ -3,6 +3,10 @@
 //! the proxy benchmarks) and is strict where a broken proxy would otherwise go unnoticed: a
 //! decode really pulls the prefill's KV blocks over a side channel, and a failed pull is counted.
 //! It shares no request-handling code with the proxy, so it cannot hide the proxy's bugs.
+//!
+//! Layers, each importing only from the ones below it: `server` (listeners and routing) →
+//! `completions` (the OpenAI endpoints) → `kv` (the side channel) → `state` (one engine's shared
+//! state) → `engine`, `metrics`, `args`, `respond` (leaves).
 
 pub mod args;
 mod completions;
