@@ -1,10 +1,10 @@
 //! `pdctl up | status | scale | logs | down` on the process runtime with `pdctl sim` engines.
 
-mod daemon_support;
+mod support;
 
 use std::process::Command;
 
-use daemon_support::*;
+use support::deployment::*;
 
 #[test]
 fn process_runtime_lifecycle() {
@@ -60,12 +60,7 @@ fn a_hung_engine_fails_its_probes_and_is_restarted() {
     );
     let file = d.file.display().to_string();
     // Foreground, so the test does not wait for a readiness the engine may never reach.
-    let mut daemon = d
-        .cmd(&["up", "-f", &file])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = d.spawn_up(std::process::Stdio::null());
     let first = loop {
         assert!(daemon.try_wait().unwrap().is_none(), "the daemon died");
         if let Ok(out) = d.cmd(&["status", "-f", &file, "-o", "json"]).output() {
@@ -104,13 +99,7 @@ fn foreground_up_prints_the_endpoint_and_ctrl_c_takes_everything_down() {
         1,
         1,
     );
-    let file = d.file.display().to_string();
-    let mut child = d
-        .cmd(&["up", "-f", &file])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = d.spawn_up(std::process::Stdio::piped());
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let endpoint = format!("OpenAI endpoint: http://127.0.0.1:{}/v1", d.proxy_port);
     assert!(
@@ -144,15 +133,7 @@ fn a_changed_spec_replaces_only_the_changed_instances() {
     let before = d.status();
     let old = ids(&before);
     // Kill the daemon, change the decode pool only, start again.
-    let pid = before["pid"].as_u64().unwrap().to_string();
-    assert!(Command::new("kill")
-        .args(["-9", &pid])
-        .status()
-        .unwrap()
-        .success());
-    while proc_alive(&pid) {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    kill_daemon(&before);
     let text = std::fs::read_to_string(&d.file).unwrap();
     let changed = text.replacen("[decode]\n", "[decode]\nargs = [\"--seed\", \"7\"]\n", 1);
     assert_ne!(text, changed);

@@ -2,11 +2,11 @@
 //! (`scripts/build-sim-image.sh`). Without an engine or the image the test skips loudly, but
 //! under `CI` it fails: CI builds the image (scripts/ci/30-sim-image.sh) before `cargo test`.
 
-mod daemon_support;
+mod support;
 
 use std::process::Command;
 
-use daemon_support::*;
+use support::deployment::*;
 
 const IMAGE: &str = "pdctl-sim:dev";
 

@@ -1,7 +1,7 @@
 //! `pdctl export` on every shipped pools file: exact YAML snapshots, validation against the
 //! Kubernetes schemas and KServe's CRDs (offline), and local/cluster equivalence per instance.
 
-mod common;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,7 +18,7 @@ fn root() -> &'static Path {
 
 /// Runs `pdctl export` as a user would, with a fixed HOME so cache paths are stable.
 fn export(kind: &str, file: &str, extra: &[&str]) -> String {
-    let out = common::pdctl()
+    let out = support::process::pdctl()
         .current_dir(root())
         .env("HOME", "/home/user")
         .args(["export", kind, "-f", file])

@@ -1,12 +1,14 @@
 //! The simulator as a real process: vLLM's surface, P/D by hand between two engines with a real
 //! KV pull, and the failure modes a proxy must not hide.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{eventually, get, hang_up_after, post, request, Sim};
 use serde_json::{json, Value};
+use support::eventually;
+use support::http::{get, hang_up_after, post, request};
+use support::process::{pdctl, Child, Sim};
 
 const PROMPT: &str = "Explain disaggregated prefill and decode in two sentences, please.";
 
@@ -231,14 +233,7 @@ fn crash_after_exits_non_zero() {
     for _ in 0..2 {
         post(sim.port, "/v1/completions", &json!({"prompt": "x"}));
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = sim.proc.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(std::time::Instant::now() < deadline, "still running");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = sim.child.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(3));
 }
 
@@ -313,21 +308,20 @@ fn runs_as_vllm_with_the_planned_argv() {
     let dir = tempfile::tempdir().unwrap();
     let vllm = dir.path().join("vllm");
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_pdctl"), &vllm).unwrap();
-    let (port, side) = (common::free_port(), common::free_port());
-    let child = std::process::Command::new(&vllm)
-        .args(["serve", "/mnt/models", "--port", &port.to_string()])
-        .args(["--served-model-name", "qwen", "--tensor-parallel-size", "2"])
-        .args([
-            "--kv-transfer-config",
-            r#"{"kv_connector":"NixlConnector","kv_role":"kv_both"}"#,
-        ])
-        .args(["--enforce-eager", "--gpu-memory-utilization", "0.9"])
-        .env("VLLM_NIXL_SIDE_CHANNEL_PORT", side.to_string())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let _guard = common::Proc(child);
-    common::wait_listening(port);
+    let port = support::ports::reserve(2);
+    let side = port + 1;
+    let _guard = Child::spawn(
+        std::process::Command::new(&vllm)
+            .args(["serve", "/mnt/models", "--port", &port.to_string()])
+            .args(["--served-model-name", "qwen", "--tensor-parallel-size", "2"])
+            .args([
+                "--kv-transfer-config",
+                r#"{"kv_connector":"NixlConnector","kv_role":"kv_both"}"#,
+            ])
+            .args(["--enforce-eager", "--gpu-memory-utilization", "0.9"])
+            .env("VLLM_NIXL_SIDE_CHANNEL_PORT", side.to_string()),
+    );
+    support::http::wait_serving(port);
     assert_eq!(get(port, "/v1/models").json()["data"][0]["id"], "qwen");
     let answer = post(
         port,
@@ -341,13 +335,10 @@ fn runs_as_vllm_with_the_planned_argv() {
 
 #[test]
 fn bad_flags_exit_2_and_help_exits_0() {
-    let out = common::pdctl()
-        .args(["sim", "--port", "nope"])
-        .output()
-        .unwrap();
+    let out = pdctl().args(["sim", "--port", "nope"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--port: invalid value"));
-    let out = common::pdctl().args(["sim", "--help"]).output().unwrap();
+    let out = pdctl().args(["sim", "--help"]).output().unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--inter-token-latency"));
 }

@@ -1,36 +1,14 @@
-//! Helpers for the daemon end-to-end tests (process and Docker runtimes): a deployment in a
-//! temp state directory on free loopback ports, the real `pdctl` binary, and a guard that
-//! always takes the deployment down.
-#![allow(dead_code)]
+//! A deployment under test for the daemon end-to-end tests (process and Docker runtimes): a
+//! pools.toml in a temp state directory on reserved loopback ports, run by the real `pdctl`, and
+//! always taken down when the test ends; plus the lifecycle scenario both runtimes go through.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub fn pdctl_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pdctl")
-}
-
-/// A port `p` with `p..p+n` all free on loopback right now.
-pub fn free_ports(n: u16) -> u16 {
-    for _ in 0..200 {
-        let first = TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = first.local_addr().unwrap().port();
-        if p > 65000 {
-            continue;
-        }
-        let rest: Vec<_> = (1..n)
-            .map(|i| TcpListener::bind(("127.0.0.1", p + i)))
-            .collect();
-        if rest.iter().all(|r| r.is_ok()) {
-            return p;
-        }
-    }
-    panic!("no {n} consecutive free ports");
-}
+use super::{http, ports};
 
 /// One deployment under test. Dropping it runs `pdctl down`, pass or fail.
 pub struct Deployment {
@@ -58,11 +36,12 @@ impl Deployment {
         let dir = tempfile::tempdir().unwrap();
         // Unique per test run: Docker containers are global, names must not collide.
         let project = format!("t{}-{tag}", std::process::id());
-        let proxy_port = free_ports(1);
-        let prefill_base = free_ports(prefill as u16 + 1);
-        let decode_base = free_ports(decode as u16 + 1);
-        let kv_p = free_ports(prefill as u16 + 1);
-        let kv_d = free_ports(decode as u16 + 1);
+        // One spare port per pool, for a replica added by `scale`.
+        let proxy_port = ports::reserve(1);
+        let prefill_base = ports::reserve(prefill as u16 + 1);
+        let decode_base = ports::reserve(decode as u16 + 1);
+        let kv_p = ports::reserve(prefill as u16 + 1);
+        let kv_d = ports::reserve(decode as u16 + 1);
         let pool = |replicas: u32, http: u16, kv: u16| {
             format!(
                 "replicas = {replicas}\ngpus_per_replica = 0\nhttp_port_base = {http}\nside_channel_port_base = {kv}\nshm_size = \"128Mi\"\nstop_grace_seconds = 3\nprobes.startup.period_seconds = 1\nprobes.liveness.period_seconds = 1\nprobes.liveness.failure_threshold = 3\n"
@@ -90,7 +69,7 @@ impl Deployment {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(pdctl_bin());
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pdctl"));
         c.args(args)
             .env("PDCTL_STATE_DIR", self.state_dir())
             .env("PDCTL_LOG", "info");
@@ -108,6 +87,16 @@ impl Deployment {
         }
         args.extend(extra);
         self.cmd(&args).output().expect("pdctl runs")
+    }
+
+    /// `pdctl up -f FILE` in the foreground, as a child the test signals itself.
+    pub fn spawn_up(&self, stdout: std::process::Stdio) -> std::process::Child {
+        let file = self.file.display().to_string();
+        self.cmd(&["up", "-f", &file])
+            .stdout(stdout)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
     }
 
     pub fn up_detached(&self) -> Output {
@@ -166,12 +155,14 @@ impl Deployment {
     }
 
     pub fn completion(&self) -> (u16, String) {
-        http(
+        let reply = http::request(
             self.proxy_port,
             "POST",
             "/v1/completions",
+            &[],
             r#"{"model":"sim-model","prompt":"The quick brown fox jumps over the lazy dog, twice.","max_tokens":4}"#,
-        )
+        );
+        (reply.status, reply.body)
     }
 }
 
@@ -195,39 +186,25 @@ pub fn ids(s: &Value) -> Vec<String> {
         .collect()
 }
 
-/// A minimal HTTP/1.1 exchange on loopback: (status, body).
-pub fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    let _ = s.read_to_string(&mut raw);
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    (status, body)
+/// The value of metric `name` on the engine listening on `port`.
+pub fn metric(port: u16, name: &str) -> f64 {
+    super::metric(&http::get(port, "/metrics").body, name)
 }
 
-/// The value of an unlabelled-or-labelled sample `name` on an engine's /metrics.
-pub fn metric(port: u16, name: &str) -> f64 {
-    let (_, page) = http(port, "GET", "/metrics", "");
-    page.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// SIGKILLs the daemon whose `status -o json` is `status` and waits until it is gone.
+pub fn kill_daemon(status: &Value) {
+    let pid = status["pid"]
+        .as_u64()
+        .expect("status names the daemon's pid")
+        .to_string();
+    assert!(Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .unwrap()
+        .success());
+    while proc_alive(&pid) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 pub fn proc_alive(pid: &str) -> bool {
@@ -296,15 +273,7 @@ pub fn lifecycle(d: &Deployment, kill: &dyn Fn(&str), gone: &dyn Fn(&[String]) -
     let before = ids(&s);
 
     // SIGKILL the daemon, start it again: it adopts the running engines.
-    let pid = s["pid"].as_u64().unwrap().to_string();
-    assert!(Command::new("kill")
-        .args(["-9", &pid])
-        .status()
-        .unwrap()
-        .success());
-    while proc_alive(&pid) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kill_daemon(&s);
     let t_adopt = Instant::now();
     d.up_detached();
     eprintln!(
