@@ -61,17 +61,22 @@ fn a_hung_engine_fails_its_probes_and_is_restarted() {
     let file = d.file.display().to_string();
     // Foreground, so the test does not wait for a readiness the engine may never reach.
     let mut daemon = d.spawn_up(std::process::Stdio::null());
-    let first = loop {
-        assert!(daemon.try_wait().unwrap().is_none(), "the daemon died");
-        if let Ok(out) = d.cmd(&["status", "-f", &file, "-o", "json"]).output() {
-            if let Ok(s) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-                if let Some(id) = s["instances"][1]["id"].as_str() {
-                    break id.to_string();
-                }
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let mut first = None;
+    let started = support::poll(
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_millis(50),
+        || {
+            assert!(daemon.try_wait().unwrap().is_none(), "the daemon died");
+            let out = d.cmd(&["status", "-f", &file, "-o", "json"]).output();
+            let status = out
+                .ok()
+                .and_then(|out| serde_json::from_slice::<serde_json::Value>(&out.stdout).ok());
+            first = status.and_then(|s| s["instances"][1]["id"].as_str().map(String::from));
+            first.is_some()
+        },
+    );
+    assert!(started, "the decode never showed up in `status`");
+    let first = first.unwrap();
     let s = d.wait_status("a probe-driven restart", |s| {
         let row = &s["instances"][1];
         row["restarts"].as_u64() >= Some(1)

@@ -17,9 +17,8 @@ use crate::runtime::{DockerRuntime, ProcessRuntime, Runtime, RuntimeError};
 use crate::spec::{self, LoadedSpec};
 
 pub mod api;
-pub mod cli;
 pub mod state;
-mod ui;
+pub(crate) mod ui;
 
 pub use api::StatusReport;
 pub use state::{Scale, StateDir};

@@ -2,7 +2,6 @@
 //! plan knows: images, argv, env, probes, shm and GPU counts all come from its instances, so
 //! a local run and a cluster run stay equivalent by construction (see tests/export_*.rs).
 
-pub mod cli;
 pub mod compose;
 pub mod k8s;
 pub mod kserve;

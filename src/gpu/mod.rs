@@ -3,7 +3,6 @@
 
 use serde::{Deserialize, Serialize};
 
-pub mod cli;
 pub mod fixed;
 pub mod nvml;
 

@@ -6,7 +6,6 @@
 use std::path::Path;
 
 pub mod build;
-pub mod cli;
 pub mod instance;
 pub mod model;
 pub mod placement;

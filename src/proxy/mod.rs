@@ -15,8 +15,7 @@
 //! - `pick`, `upstream`, `rewrite` / `json` / `sse`, `security`, `metrics`, `discovery`,
 //!   `endpoints` — leaves.
 
-pub mod cli;
-mod discovery;
+pub(crate) mod discovery;
 pub mod endpoints;
 mod json;
 mod load;

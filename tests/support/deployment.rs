@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{http, ports};
+use super::{http, poll, ports};
 
 /// One deployment under test. Dropping it runs `pdctl down`, pass or fail.
 pub struct Deployment {
@@ -139,19 +139,18 @@ impl Deployment {
 
     /// Polls `status` until `pred` holds (bounded, so a broken daemon fails the test).
     pub fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let s = self.status();
-            if pred(&s) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; last status {s:#}\ndaemon log:\n{}",
-                self.daemon_log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let mut last = Value::Null;
+        // Every poll starts a `pdctl status` process: not more often than ten times a second.
+        let held = poll(Duration::from_secs(60), Duration::from_millis(100), || {
+            last = self.status();
+            pred(&last)
+        });
+        assert!(
+            held,
+            "timed out waiting for {what}; last status {last:#}\ndaemon log:\n{}",
+            self.daemon_log()
+        );
+        last
     }
 
     pub fn completion(&self) -> (u16, String) {
@@ -202,9 +201,10 @@ pub fn kill_daemon(status: &Value) {
         .status()
         .unwrap()
         .success());
-    while proc_alive(&pid) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let gone = poll(Duration::from_secs(10), Duration::from_millis(20), || {
+        !proc_alive(&pid)
+    });
+    assert!(gone, "daemon {pid} still alive 10 s after SIGKILL");
 }
 
 pub fn proc_alive(pid: &str) -> bool {

@@ -57,13 +57,14 @@ impl Embedded {
     pub fn shut_down(mut self) -> Result<(), ProxyError> {
         self.stop.cancel();
         let thread = self.thread.take().unwrap();
-        for _ in 0..500 {
-            if thread.is_finished() {
-                return thread.join().expect("the proxy thread did not panic");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("serve_embedded did not return within 10 s of the shutdown");
+        let ended = super::poll(Duration::from_secs(10), Duration::from_millis(20), || {
+            thread.is_finished()
+        });
+        assert!(
+            ended,
+            "serve_embedded did not return within 10 s of the shutdown"
+        );
+        thread.join().expect("the proxy thread did not panic")
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Debug)]
 pub struct Reply {
@@ -179,11 +179,10 @@ pub fn post(port: u16, path: &str, body: &serde_json::Value) -> Reply {
 
 /// Waits until something accepts connections on `port` (a child process has bound it).
 pub fn wait_serving(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let listening = super::poll(Duration::from_secs(20), Duration::from_millis(20), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(listening, "nothing listens on {port}");
 }
 
 /// Waits until GET `path` answers `status`.

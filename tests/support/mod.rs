@@ -34,13 +34,25 @@ where
     })
 }
 
-/// Polls `holds` every 20 ms until it is true; fails the test after 10 s naming `what`.
-pub fn eventually(what: &str, mut holds: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !holds() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(20));
+/// The tests' one polling loop: checks `holds` every `every` until it is true (then returns
+/// true) or `limit` has passed (then false, after one last check).
+pub fn poll(limit: Duration, every: Duration, mut holds: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if holds() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(every);
     }
+}
+
+/// Polls `holds` every 20 ms until it is true; fails the test after 10 s naming `what`.
+pub fn eventually(what: &str, holds: impl FnMut() -> bool) {
+    let held = poll(Duration::from_secs(10), Duration::from_millis(20), holds);
+    assert!(held, "timed out waiting for: {what}");
 }
 
 /// The sum of every sample of metric `name` (all label sets) on a Prometheus text page. A

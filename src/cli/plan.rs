@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use comfy_table::{presets, Table};
 
-use super::{NamespaceMode, Plan, PlanError, RuntimePlan};
-use crate::cli::{FileArg, OutputFormat};
-use crate::gpu::cli::GpuArg;
+use super::gpus::GpuArg;
+use super::{FileArg, OutputFormat};
+use crate::plan::{NamespaceMode, Plan, PlanError, RuntimePlan};
 
 #[derive(Debug, clap::Args)]
 pub struct ValidateArgs {
@@ -39,7 +39,7 @@ pub fn validate(args: ValidateArgs) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(&e),
     };
-    if let Err(e) = super::check(&loaded) {
+    if let Err(e) = crate::plan::check(&loaded) {
         return fail(&e);
     }
     let s = &loaded.spec;
@@ -51,7 +51,7 @@ pub fn validate(args: ValidateArgs) -> ExitCode {
         s.prefill.gpus_per_replica,
         s.decode.replicas,
         s.decode.gpus_per_replica,
-        super::gpus_needed(s),
+        crate::plan::gpus_needed(s),
         s.proxy.listen
     );
     ExitCode::SUCCESS
@@ -62,7 +62,7 @@ pub fn plan(args: PlanArgs) -> ExitCode {
         Ok(i) => i,
         Err(e) => return fail(&PlanError::Gpu(e)),
     };
-    match super::plan_file(&args.file.file, inventory.as_ref()) {
+    match crate::plan::plan_file(&args.file.file, inventory.as_ref()) {
         Ok(plan) => {
             match args.output {
                 OutputFormat::Json => println!(
@@ -100,11 +100,11 @@ pub fn render(plan: &Plan) -> String {
         plan.proxy.listen,
         plan.instances
             .iter()
-            .filter(|i| i.role == super::Role::Prefill)
+            .filter(|i| i.role == crate::plan::Role::Prefill)
             .count(),
         plan.instances
             .iter()
-            .filter(|i| i.role == super::Role::Decode)
+            .filter(|i| i.role == crate::plan::Role::Decode)
             .count(),
     );
     let mut t = Table::new();

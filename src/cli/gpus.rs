@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use comfy_table::{presets, Table};
 
-use super::{GpuError, GpuInfo, GpuInventory};
-use crate::cli::OutputFormat;
+use super::OutputFormat;
+use crate::gpu::{GpuError, GpuInfo, GpuInventory};
 
 /// `--gpus SPEC` / `PDCTL_GPUS`: a fixed inventory instead of NVML.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -18,7 +18,7 @@ pub struct GpuArg {
 
 impl GpuArg {
     pub fn inventory(&self) -> Result<Box<dyn GpuInventory>, GpuError> {
-        super::from_flag(self.gpus.as_deref())
+        crate::gpu::from_flag(self.gpus.as_deref())
     }
 }
 

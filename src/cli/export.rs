@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::cli::FileArg;
-use crate::gpu::cli::GpuArg;
+use super::gpus::GpuArg;
+use super::FileArg;
 use crate::gpu::{FixedInventory, GpuInventory};
 use crate::plan::PlanError;
 
-use super::{render, Kind, Options, Sidecar};
+use crate::export::{render, Kind, Options, Sidecar};
 
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
@@ -58,7 +58,9 @@ pub fn run(args: ExportArgs) -> ExitCode {
         Ok(plan) => plan,
         Err(e) => return fail(&e),
     };
-    let pdctl_image = args.pdctl_image.unwrap_or_else(super::pod::pdctl_image);
+    let pdctl_image = args
+        .pdctl_image
+        .unwrap_or_else(crate::export::pod::pdctl_image);
     let sidecar = match args.sidecar_image.as_str() {
         "llm-d" => Sidecar::LlmD,
         "pdctl" => Sidecar::Pdctl(pdctl_image.clone()),

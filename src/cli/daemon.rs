@@ -9,10 +9,10 @@ use comfy_table::{presets, Table};
 use futures_util::StreamExt;
 use http::Method;
 
-use super::api::{self, ClientError, StatusReport};
-use super::{stop_all, Deployment, Scale, StateDir, Up};
-use crate::cli::{FileArg, OutputFormat};
-use crate::gpu::cli::GpuArg;
+use super::gpus::GpuArg;
+use super::{FileArg, OutputFormat};
+use crate::daemon::api::{self, ClientError, StatusReport};
+use crate::daemon::{stop_all, Deployment, Scale, StateDir, Up};
 use crate::plan::PullPolicy;
 use crate::runtime::{DockerRuntime, ProcessRuntime, Runtime};
 use crate::spec::{self, LoadedSpec, RuntimeKind};
@@ -145,7 +145,7 @@ pub fn up(args: UpArgs) -> ExitCode {
         lock,
         interactive: !args.daemon_child,
     };
-    match tokio_rt().block_on(super::run(up)) {
+    match tokio_rt().block_on(crate::daemon::run(up)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -205,7 +205,7 @@ fn detach(args: &UpArgs, state: &StateDir, file: &Path) -> ExitCode {
                 last = line;
             }
             if r.all_ready() {
-                println!("{}", super::ui::banner(&r));
+                println!("{}", crate::daemon::ui::banner(&r));
                 println!(
                     "daemon pid {} (log: {}); `pdctl status -f {f}`, `pdctl down -f {f}`",
                     r.pid,

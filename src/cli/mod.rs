@@ -4,6 +4,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod daemon;
+pub mod export;
+pub mod gpus;
+pub mod plan;
+pub mod proxy;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "pdctl",
@@ -27,27 +33,27 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check a pools.toml without looking at GPUs or Docker.
-    Validate(crate::plan::cli::ValidateArgs),
+    Validate(plan::ValidateArgs),
     /// Show what would run where: placement, ports and the exact engine specs.
-    Plan(crate::plan::cli::PlanArgs),
+    Plan(plan::PlanArgs),
     /// List this host's GPUs (NVML) or the inventory given with --gpus.
-    Gpus(crate::gpu::cli::GpusArgs),
+    Gpus(gpus::GpusArgs),
     /// Render the deployment for Kubernetes (KServe or plain) or Compose.
-    Export(crate::export::cli::ExportArgs),
+    Export(export::ExportArgs),
     /// The P/D routing proxy alone, in front of engines started elsewhere.
-    Proxy(crate::proxy::cli::ProxyArgs),
+    Proxy(proxy::ProxyArgs),
     /// Drop-in for llm-d's routing sidecar in a Kubernetes decode pod (llm-d's flag names).
-    Sidecar(crate::proxy::cli::SidecarArgs),
+    Sidecar(proxy::SidecarArgs),
     /// Start the deployment (engines, health, proxy) and keep it running; `-d` detaches.
-    Up(crate::daemon::cli::UpArgs),
+    Up(daemon::UpArgs),
     /// Stop the deployment: the proxy drains, engines stop, nothing is left behind.
-    Down(crate::daemon::cli::DownArgs),
+    Down(daemon::DownArgs),
     /// Instances with state, readiness, restarts and last exit reason.
-    Status(crate::daemon::cli::StatusArgs),
+    Status(daemon::StatusArgs),
     /// An instance's output (`-f` follows).
-    Logs(crate::daemon::cli::LogsArgs),
+    Logs(daemon::LogsArgs),
     /// Change replica counts of the running deployment: `pdctl scale prefill=2 decode=1`.
-    Scale(crate::daemon::cli::ScaleArgs),
+    Scale(daemon::ScaleArgs),
     /// Run a simulated vLLM engine (P/D semantics, no GPU); `pdctl sim --help` for its flags.
     #[command(disable_help_flag = true)]
     Sim {
@@ -101,23 +107,23 @@ pub fn main() -> ExitCode {
     }
     let mut args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("sidecar") {
-        let rest = crate::proxy::cli::normalize_go_flags(args.split_off(2));
+        let rest = proxy::normalize_go_flags(args.split_off(2));
         args.extend(rest);
     }
     let cli = Cli::parse_from(args);
     init_logging(cli.log_format);
     match cli.command {
-        Command::Validate(a) => crate::plan::cli::validate(a),
-        Command::Plan(a) => crate::plan::cli::plan(a),
-        Command::Gpus(a) => crate::gpu::cli::run(a),
-        Command::Up(a) => crate::daemon::cli::up(a),
-        Command::Down(a) => crate::daemon::cli::down(a),
-        Command::Status(a) => crate::daemon::cli::status(a),
-        Command::Logs(a) => crate::daemon::cli::logs(a),
-        Command::Scale(a) => crate::daemon::cli::scale(a),
+        Command::Validate(a) => plan::validate(a),
+        Command::Plan(a) => plan::plan(a),
+        Command::Gpus(a) => gpus::run(a),
+        Command::Up(a) => daemon::up(a),
+        Command::Down(a) => daemon::down(a),
+        Command::Status(a) => daemon::status(a),
+        Command::Logs(a) => daemon::logs(a),
+        Command::Scale(a) => daemon::scale(a),
         Command::Sim { args } => crate::sim::run(&args),
-        Command::Proxy(a) => crate::proxy::cli::run_proxy(a),
-        Command::Export(a) => crate::export::cli::run(a),
-        Command::Sidecar(a) => crate::proxy::cli::run_sidecar(a),
+        Command::Proxy(a) => proxy::run_proxy(a),
+        Command::Export(a) => export::run(a),
+        Command::Sidecar(a) => proxy::run_sidecar(a),
     }
 }

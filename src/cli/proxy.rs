@@ -11,10 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::spec::proxy::{PickPolicy, PrefillFailurePolicy, ProxySection};
 
-use super::discovery::{self, Sources};
-use super::endpoints::{Endpoint, EndpointSet};
-use super::security::Allowlist;
-use super::{serve, Config, Mode};
+use crate::proxy::discovery::{self, Sources};
+use crate::proxy::security::Allowlist;
+use crate::proxy::{serve, Config, Endpoint, EndpointSet, Mode};
 
 /// Flags shared by both front doors; each maps onto a `[proxy]` key of pools.toml.
 #[derive(Debug, Clone, Args)]
