@@ -103,7 +103,7 @@ pub fn main() -> ExitCode {
     let invoked_as = argv.next().unwrap_or_default();
     if std::path::Path::new(&invoked_as).file_name() == Some(std::ffi::OsStr::new("vllm")) {
         init_logging(LogFormat::Text);
-        return crate::sim::run(&argv.collect::<Vec<_>>());
+        return sim(&argv.collect::<Vec<_>>());
     }
     let mut args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("sidecar") {
@@ -121,9 +121,30 @@ pub fn main() -> ExitCode {
         Command::Status(a) => daemon::status(a),
         Command::Logs(a) => daemon::logs(a),
         Command::Scale(a) => daemon::scale(a),
-        Command::Sim { args } => crate::sim::run(&args),
+        Command::Sim { args } => sim(&args),
         Command::Proxy(a) => proxy::run_proxy(a),
         Command::Export(a) => export::run(a),
         Command::Sidecar(a) => proxy::run_sidecar(a),
+    }
+}
+
+/// `pdctl sim`, or pdctl invoked as `vllm`: bad arguments show the usage and exit 2.
+fn sim(args: &[String]) -> ExitCode {
+    use crate::sim::args::{ArgsError, USAGE};
+    use crate::sim::SimError;
+    match crate::sim::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(SimError::Args(ArgsError::Help)) => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Err(SimError::Args(e)) => {
+            eprintln!("error: {e}\n\n{USAGE}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
