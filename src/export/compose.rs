@@ -1,11 +1,14 @@
 //! A Compose file equivalent to the local Docker run: one service per planned instance, with
 //! the same argv, env, namespaces, shm, mounts and GPUs (explicit `device_ids`), plus the router.
+//!
+//! Compose interpolates `$VAR`, `${VAR}` and rejects `$(...)` in every string value; the plan's
+//! strings are literal (Docker receives them as they are), so each `$` in them is written `$$`.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::plan::{NamespaceMode, Plan, RuntimePlan};
+use crate::plan::{NamespaceMode, Plan, RuntimePlan, HOST_NETWORK_MODE};
 
 use super::{ExportError, Options};
 
@@ -62,6 +65,25 @@ struct Device {
     capabilities: Vec<&'static str>,
 }
 
+/// `value` as Compose must see it to pass it on unchanged.
+fn literal(value: &str) -> String {
+    value.replace('$', "$$")
+}
+
+fn literals<'a>(values: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    values.into_iter().map(|v| literal(v)).collect()
+}
+
+/// The router reads its key from `PDCTL_API_KEY`, filled in by Compose from the environment
+/// of whoever runs it, and refusing to start without it rather than run unprotected.
+fn api_key_env(plan: &Plan) -> Vec<String> {
+    plan.proxy
+        .api_key_env
+        .iter()
+        .map(|name| format!("PDCTL_API_KEY=${{{name}:?the API key clients must send}}"))
+        .collect()
+}
+
 pub fn render(plan: &Plan, opts: &Options) -> Result<Compose, ExportError> {
     let (image, network_mode) = match &plan.runtime {
         RuntimePlan::Docker {
@@ -69,34 +91,41 @@ pub fn render(plan: &Plan, opts: &Options) -> Result<Compose, ExportError> {
             network_mode,
             ..
         } => (image.clone(), network_mode.clone()),
-        RuntimePlan::Process { .. } => (opts.pdctl_image.clone(), "host".to_string()),
+        RuntimePlan::Process { .. } => (opts.pdctl_image.clone(), HOST_NETWORK_MODE.to_string()),
     };
     let mut services = BTreeMap::new();
     for instance in &plan.instances {
         let host_ipc = instance.ipc_mode == NamespaceMode::Host;
         let service = ComposeService {
-            image: instance.image.clone().unwrap_or_else(|| image.clone()),
-            entrypoint: instance.argv[..1].to_vec(),
-            command: instance.argv[1..].to_vec(),
+            image: literal(instance.image.as_ref().unwrap_or(&image)),
+            entrypoint: literals(&instance.argv[..1]),
+            command: literals(&instance.argv[1..]),
             environment: instance
                 .env
                 .iter()
-                .map(|e| format!("{}={}", e.name, e.value))
+                .map(|e| literal(&format!("{}={}", e.name, e.value)))
                 .collect(),
             network_mode: network_mode.clone(),
             ipc: host_ipc.then_some("host"),
             pid: (instance.pid_mode == NamespaceMode::Host).then_some("host"),
-            // With the host's IPC namespace the host's /dev/shm is used: no size to set.
-            shm_size: (!host_ipc).then_some(instance.shm_size_bytes),
+            shm_size: instance.private_shm_bytes(),
             volumes: instance
                 .mounts
                 .iter()
                 .map(|m| {
                     let ro = if m.read_only { ":ro" } else { "" };
-                    format!("{}:{}{ro}", m.source.display(), m.target.display())
+                    literal(&format!(
+                        "{}:{}{ro}",
+                        m.source.display(),
+                        m.target.display()
+                    ))
                 })
                 .collect(),
-            labels: instance.labels.clone(),
+            labels: instance
+                .labels
+                .iter()
+                .map(|(k, v)| (literal(k), literal(v)))
+                .collect(),
             stop_signal: instance.stop_signal.clone(),
             stop_grace_period: format!("{}s", instance.stop_grace_seconds),
             restart: match instance.restart_policy {
@@ -133,10 +162,11 @@ pub fn render(plan: &Plan, opts: &Options) -> Result<Compose, ExportError> {
     services.insert(
         format!("pdctl-{}-router", plan.project),
         ComposeService {
-            image: opts.pdctl_image.clone(),
+            image: literal(&opts.pdctl_image),
             entrypoint: vec!["pdctl".into()],
-            command,
-            network_mode: "host".into(),
+            command: literals(&command),
+            environment: api_key_env(plan),
+            network_mode: HOST_NETWORK_MODE.into(),
             stop_signal: "SIGTERM".into(),
             stop_grace_period: "30s".into(),
             restart: "always",
@@ -147,4 +177,68 @@ pub fn render(plan: &Plan, opts: &Options) -> Result<Compose, ExportError> {
         name: plan.project.clone(),
         services,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::testing::instance;
+    use crate::plan::{EnvVar, Role};
+
+    fn plan_with(args: &[&str], env: (&str, &str)) -> Plan {
+        let mut prefill = instance("t", Role::Prefill, 0, "h");
+        let decode = instance("t", Role::Decode, 0, "h");
+        prefill.argv.extend(args.iter().map(|a| a.to_string()));
+        prefill.env.push(EnvVar {
+            name: env.0.into(),
+            value: env.1.into(),
+        });
+        Plan {
+            schema_version: crate::plan::PLAN_SCHEMA_VERSION,
+            project: "t".into(),
+            source: "t.toml".into(),
+            model: crate::plan::ModelPlan {
+                served_name: "m".into(),
+                source: crate::plan::ModelSource::HuggingFace {
+                    id: "m".into(),
+                    cache_dir: "/cache".into(),
+                },
+            },
+            runtime: RuntimePlan::Docker {
+                image: "img".into(),
+                pull_policy: crate::plan::PullPolicy::Never,
+                network_mode: "host".into(),
+            },
+            proxy: Default::default(),
+            instances: vec![prefill, decode],
+        }
+    }
+
+    #[test]
+    fn dollars_reach_the_engine_unchanged() {
+        let plan = plan_with(
+            &["--hf-overrides", "$(cat x)", "$HOME"],
+            ("PS1", "${USER}$"),
+        );
+        let text = crate::export::render(crate::export::Kind::Compose, &plan, &Default::default())
+            .unwrap();
+        assert!(text.contains("- $$(cat x)\n"), "{text}");
+        assert!(text.contains("- $$HOME\n"), "{text}");
+        assert!(text.contains("- PS1=$${USER}$$\n"), "{text}");
+        // Every `$` left is the first of a `$$` pair: nothing for Compose to interpolate.
+        assert!(!text.replace("$$", "").contains('$'), "{text}");
+    }
+
+    #[test]
+    fn the_routers_api_key_comes_from_the_environment_of_compose() {
+        let mut plan = plan_with(&[], ("A", "b"));
+        plan.proxy.api_key_env = Some("MY_KEY".into());
+        let compose = render(&plan, &Default::default()).unwrap();
+        let router = &compose.services["pdctl-t-router"];
+        assert!(router.command.iter().all(|a| !a.starts_with("--api-key")));
+        assert_eq!(
+            router.environment,
+            ["PDCTL_API_KEY=${MY_KEY:?the API key clients must send}"]
+        );
+    }
 }

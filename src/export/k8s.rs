@@ -130,11 +130,11 @@ fn router_labels(plan: &Plan) -> BTreeMap<String, String> {
     ])
 }
 
-/// `pdctl proxy` flags equivalent to the plan's `[proxy]` section (all but where to listen and
-/// what to route to).
+/// `pdctl proxy` flags equivalent to the plan's `[proxy]` section (all but where to listen,
+/// what to route to and the API key, which each target passes its own way).
 pub fn policy_args(plan: &Plan) -> Vec<String> {
     let p = &plan.proxy;
-    let mut args = vec![
+    vec![
         format!("--prefill-policy={}", kebab(&p.prefill_policy)),
         format!("--decode-policy={}", kebab(&p.decode_policy)),
         format!("--pd-threshold={}", p.pd_threshold_tokens),
@@ -157,11 +157,7 @@ pub fn policy_args(plan: &Plan) -> Vec<String> {
             humantime::format_duration(p.decode_first_byte_timeout)
         ),
         format!("--max-body-bytes={}", p.max_body_bytes),
-    ];
-    if let Some(env) = &p.api_key_env {
-        args.push(format!("--api-key=$({env})"));
-    }
-    args
+    ]
 }
 
 /// The kebab-case name serde gives a policy enum (as pools.toml spells it).
@@ -191,6 +187,10 @@ fn router_pod(plan: &Plan, opts: &Options) -> PodSpec {
         format!("--decode-dns={}", dns(Role::Decode)),
     ];
     argv.extend(policy_args(plan));
+    if let Some(env) = &plan.proxy.api_key_env {
+        // Kubernetes expands `$(VAR)` in args from the container's environment.
+        argv.push(format!("--api-key=$({env})"));
+    }
     let health = |period, failures| Probe {
         http_get: Some(HTTPGetAction {
             path: Some("/health".into()),

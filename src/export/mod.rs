@@ -47,7 +47,7 @@ pub enum ExportError {
     #[error("the plan has no {0} instance")]
     NoInstance(Role),
     #[error("writing YAML: {0}")]
-    Yaml(String),
+    Yaml(#[from] serde_saphyr::SerializeError),
 }
 
 /// The YAML text for `kind`, header comment included; deterministic for a given plan.

@@ -246,7 +246,7 @@ pub fn kserve_labels(instance: &Instance) -> BTreeMap<String, String> {
     instance
         .labels
         .iter()
-        .filter(|(k, _)| !k.starts_with("pdctl."))
+        .filter(|(k, _)| !k.starts_with(crate::plan::label::PREFIX))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }

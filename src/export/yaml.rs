@@ -21,7 +21,7 @@ pub fn header(plan: &Plan, kind: Kind) -> String {
 }
 
 pub fn document<T: Serialize>(out: &mut String, value: &T) -> Result<(), ExportError> {
-    let text = serde_saphyr::to_string(value).map_err(|e| ExportError::Yaml(e.to_string()))?;
+    let text = serde_saphyr::to_string(value)?;
     out.push_str(&text);
     if !text.ends_with('\n') {
         out.push('\n');

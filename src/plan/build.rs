@@ -218,7 +218,7 @@ fn runtime_plan(spec: &Spec) -> RuntimePlan {
                 .clone()
                 .unwrap_or_else(|| crate::spec::DEFAULT_IMAGE.into()),
             pull_policy: r.pull_policy.unwrap_or(PullPolicy::IfNotPresent),
-            network_mode: r.network_mode.clone().unwrap_or_else(|| "host".into()),
+            network_mode: super::network_mode(spec).to_string(),
         },
         RuntimeKind::Process => RuntimePlan::Process {
             command: r.command.clone().unwrap_or_default(),

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 
 use super::model::*;
-use super::ports;
+use super::{label, ports};
 use crate::spec::{quantity, LoadedSpec, PoolSection, ProbeKind, Spec};
 
 /// vLLM's NixlConnector on both roles; `kv_role` is a placeholder, the proxy decides roles.
@@ -14,6 +14,20 @@ pub const KV_TRANSFER_CONFIG: &str = r#"{"kv_connector":"NixlConnector","kv_role
 /// Where Docker containers see the model: KServe's mount points.
 pub const MODEL_MOUNT: &str = "/mnt/models";
 pub const HF_CACHE_MOUNT: &str = "/models";
+
+/// `pdctl-<project>-<role>-<index>`: the container or process name of one replica.
+pub fn instance_name(project: &str, role: Role, index: u32) -> String {
+    format!("pdctl-{project}-{role}-{index}")
+}
+
+/// A name as a user may type it, `<role>-<index>` or the full name, as the full name.
+pub fn full_instance_name(project: &str, given: &str) -> String {
+    if given.starts_with("pdctl-") {
+        given.to_string()
+    } else {
+        format!("pdctl-{project}-{given}")
+    }
+}
 
 /// Everything one replica needs; `gpus` come from placement.
 pub(super) fn instance(
@@ -37,7 +51,7 @@ pub(super) fn instance(
     };
     let probe = |kind| probe(pool, kind, http_port);
     let mut inst = Instance {
-        name: format!("pdctl-{}-{role}-{index}", l.project),
+        name: instance_name(&l.project, role, index),
         role,
         index,
         http_port,
@@ -206,11 +220,11 @@ pub fn labels(project: &str, inst: &Instance) -> BTreeMap<String, String> {
         Role::Decode => "llminferenceservice-workload",
     };
     [
-        ("pdctl.project", project.to_string()),
-        ("pdctl.role", inst.role.to_string()),
-        ("pdctl.index", inst.index.to_string()),
-        ("pdctl.spec-hash", inst.spec_hash.clone()),
-        ("pdctl.version", env!("CARGO_PKG_VERSION").to_string()),
+        (label::PROJECT, project.to_string()),
+        (label::ROLE, inst.role.to_string()),
+        (label::INDEX, inst.index.to_string()),
+        (label::SPEC_HASH, inst.spec_hash.clone()),
+        (label::VERSION, env!("CARGO_PKG_VERSION").to_string()),
         ("app.kubernetes.io/name", project.to_string()),
         (
             "app.kubernetes.io/part-of",

@@ -7,6 +7,7 @@ use std::path::Path;
 
 pub mod build;
 pub mod instance;
+pub mod label;
 pub mod model;
 pub mod placement;
 pub mod ports;
@@ -14,11 +15,23 @@ pub mod ports;
 pub mod testing;
 
 pub use build::{build, check, gpus_needed};
-pub use instance::{labels, spec_hash, KV_TRANSFER_CONFIG};
+pub use instance::{full_instance_name, instance_name, labels, spec_hash, KV_TRANSFER_CONFIG};
 pub use model::*;
 
 use crate::gpu::{GpuError, GpuInventory};
-use crate::spec::{self, SpecError};
+use crate::spec::{self, Spec, SpecError};
+
+/// Docker's network mode that shares the host's network: the default, so that engines bind
+/// their planned ports on the host as local processes do.
+pub const HOST_NETWORK_MODE: &str = "host";
+
+/// The Docker network mode `spec` asks for.
+pub fn network_mode(spec: &Spec) -> &str {
+    spec.runtime
+        .network_mode
+        .as_deref()
+        .unwrap_or(HOST_NETWORK_MODE)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {

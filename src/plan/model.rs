@@ -106,6 +106,12 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// The `/dev/shm` size to give the instance: only with a private IPC namespace, because
+    /// with the host's the host's `/dev/shm` is used (Docker takes one mechanism only).
+    pub fn private_shm_bytes(&self) -> Option<u64> {
+        (self.ipc_mode == NamespaceMode::Private).then_some(self.shm_size_bytes)
+    }
+
     /// Where the engine's OpenAI server answers on this host (what the proxy routes to).
     pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)

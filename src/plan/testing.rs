@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use super::*;
 
 pub fn instance(project: &str, role: Role, index: u32, hash: &str) -> Instance {
-    let name = format!("pdctl-{project}-{role}-{index}");
+    let name = instance_name(project, role, index);
     let port = match role {
         Role::Prefill => 8100,
         Role::Decode => 8200,

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::health::{self, http::HttpProber, Health};
 use crate::plan::{Instance, Plan, Role};
 use crate::proxy::{Endpoint, EndpointSet};
-use crate::runtime::{Observed, RunState, Runtime};
+use crate::runtime::{Observed, RunState, Runtime, RuntimeError};
 
 pub mod decide;
 
@@ -42,10 +42,33 @@ pub struct InstanceStatus {
     pub desired: bool,
 }
 
+/// What the loop asked the runtime to do to an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Create,
+    Start,
+    Restart,
+    Recreate,
+    Remove,
+}
+
+impl Op {
+    fn as_str(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Start => "start",
+            Op::Restart => "restart",
+            Op::Recreate => "recreate",
+            Op::Remove => "remove",
+        }
+    }
+}
+
+/// An operation finished (in its own task); the loop folds the outcome into the tracker.
 struct Done {
     name: String,
-    op: &'static str,
-    result: Result<(), String>,
+    op: Op,
+    result: Result<(), RuntimeError>,
 }
 
 struct Probe {
@@ -137,7 +160,7 @@ impl Reconciler {
         let t = self.trackers.entry(done.name.clone()).or_default();
         t.busy = None;
         match (done.op, done.result) {
-            ("remove", Ok(())) => {
+            (Op::Remove, Ok(())) => {
                 self.trackers.remove(&done.name);
             }
             (_, Ok(())) => {
@@ -147,8 +170,8 @@ impl Reconciler {
                 self.start_probe(&done.name, now);
             }
             (op, Err(e)) => {
-                tracing::warn!(instance = %done.name, op, error = %e, "operation failed");
-                t.last_exit = Some(e);
+                tracing::warn!(instance = %done.name, op = op.as_str(), error = %e, "operation failed");
+                t.last_exit = Some(e.to_string());
                 t.backoff_until = Some(now + self.cfg.backoff.delay(t.crashes));
                 t.crashes += 1;
             }
@@ -248,7 +271,7 @@ impl Reconciler {
     fn execute(&mut self, action: Action, now: Instant) {
         let rt = self.runtime.clone();
         let done = self.done_tx.clone();
-        let report = move |name: String, op: &'static str, result: Result<(), String>| {
+        let report = move |name: String, op: Op, result: Result<(), RuntimeError>| {
             let _ = done.send(Done { name, op, result });
         };
         let grace = |i: &Instance| Duration::from_secs(u64::from(i.stop_grace_seconds));
@@ -269,7 +292,7 @@ impl Reconciler {
                         rt.start(&inst).await
                     }
                     .await;
-                    report(inst.name.clone(), "create", r.map_err(|e| e.to_string()));
+                    report(inst.name.clone(), Op::Create, r);
                 });
             }
             Action::Start { inst, restart } => {
@@ -281,7 +304,7 @@ impl Reconciler {
                 self.ops.spawn(async move {
                     tracing::info!(instance = %inst.name, restart, "starting");
                     let r = rt.start(&inst).await;
-                    report(inst.name.clone(), "start", r.map_err(|e| e.to_string()));
+                    report(inst.name.clone(), Op::Start, r);
                 });
             }
             Action::Restart { inst, reason } => {
@@ -297,7 +320,7 @@ impl Reconciler {
                         rt.start(&inst).await
                     }
                     .await;
-                    report(inst.name.clone(), "restart", r.map_err(|e| e.to_string()));
+                    report(inst.name.clone(), Op::Restart, r);
                 });
             }
             Action::Recreate(inst) => {
@@ -312,7 +335,7 @@ impl Reconciler {
                         rt.start(&inst).await
                     }
                     .await;
-                    report(inst.name.clone(), "recreate", r.map_err(|e| e.to_string()));
+                    report(inst.name.clone(), Op::Recreate, r);
                 });
             }
             Action::Remove(name) => {
@@ -329,7 +352,7 @@ impl Reconciler {
                         rt.remove(&name).await
                     }
                     .await;
-                    report(name, "remove", r.map_err(|e| e.to_string()));
+                    report(name, Op::Remove, r);
                 });
             }
         }

@@ -9,11 +9,11 @@ use bollard::models::{
     RestartPolicyNameEnum,
 };
 
-use crate::plan::{Instance, NamespaceMode};
+use crate::plan::{Instance, NamespaceMode, HOST_NETWORK_MODE};
 
 /// The container spec for `inst`: a pure rendering of the plan (unit-tested below).
 pub fn container_body(inst: &Instance, image: &str, network_mode: &str) -> ContainerCreateBody {
-    let host_network = network_mode == "host";
+    let host_network = network_mode == HOST_NETWORK_MODE;
     let ports = [inst.http_port, inst.side_channel_port];
     let port_key = |p: u16| format!("{p}/tcp");
     let device_requests = (!inst.gpus.is_empty()).then(|| {
@@ -30,9 +30,7 @@ pub fn container_body(inst: &Instance, image: &str, network_mode: &str) -> Conta
         NamespaceMode::Host => "host".to_string(),
         NamespaceMode::Private => "private".to_string(),
     };
-    // One /dev/shm mechanism only (moby #35455, compose #5797): the host's when the IPC
-    // namespace is shared, otherwise a private one of the planned size.
-    let shm_size = (inst.ipc_mode != NamespaceMode::Host).then_some(inst.shm_size_bytes as i64);
+    let shm_size = inst.private_shm_bytes().map(|b| b as i64);
     let mounts: Vec<Mount> = inst
         .mounts
         .iter()
@@ -194,7 +192,7 @@ mod tests {
             body.labels
                 .as_ref()
                 .unwrap()
-                .get("pdctl.spec-hash")
+                .get(crate::plan::label::SPEC_HASH)
                 .map(String::as_str),
             Some("h1")
         );

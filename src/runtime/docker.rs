@@ -19,10 +19,9 @@ use futures_util::{FutureExt, StreamExt};
 
 use super::container::container_body;
 use super::{
-    role_of, ExitInfo, Observed, Progress, PullProgress, RunState, Runtime, RuntimeError,
-    RuntimeEvent, LABEL_PROJECT, LABEL_SPEC_HASH,
+    ExitInfo, Observed, Progress, PullProgress, RunState, Runtime, RuntimeError, RuntimeEvent,
 };
-use crate::plan::{Instance, PullPolicy};
+use crate::plan::{label, Instance, PullPolicy};
 
 /// The client timeout covers only "until response headers" (streams are not cut), but a stop
 /// with a long grace holds the answer back, so it must exceed the largest grace we ask for.
@@ -209,7 +208,7 @@ impl Runtime for DockerRuntime {
 
     fn list<'a>(&'a self, project: &'a str) -> BoxFuture<'a, Result<Vec<Observed>, RuntimeError>> {
         async move {
-            let filters = HashMap::from([("label", vec![format!("{LABEL_PROJECT}={project}")])]);
+            let filters = HashMap::from([("label", vec![format!("{}={project}", label::PROJECT)])]);
             let opts = ListContainersOptionsBuilder::default()
                 .all(true)
                 .filters(&filters)
@@ -251,8 +250,8 @@ impl Runtime for DockerRuntime {
                 };
                 out.push(Observed {
                     id: c.id.clone().unwrap_or_default().chars().take(12).collect(),
-                    role: role_of(&labels),
-                    spec_hash: labels.get(LABEL_SPEC_HASH).cloned().unwrap_or_default(),
+                    role: label::role(&labels),
+                    spec_hash: labels.get(label::SPEC_HASH).cloned().unwrap_or_default(),
                     name,
                     labels,
                     state,
@@ -295,7 +294,7 @@ impl Runtime for DockerRuntime {
         let filters = HashMap::from([
             ("type", vec!["container".to_string()]),
             ("event", vec!["die".into(), "oom".into()]),
-            ("label", vec![format!("{LABEL_PROJECT}={project}")]),
+            ("label", vec![format!("{}={project}", label::PROJECT)]),
         ]);
         let opts = EventsOptionsBuilder::default().filters(&filters).build();
         self.docker

@@ -18,12 +18,6 @@ pub mod process;
 pub use docker::DockerRuntime;
 pub use process::ProcessRuntime;
 
-/// Label keys pdctl puts on everything it runs (see `plan::labels`).
-pub const LABEL_PROJECT: &str = "pdctl.project";
-pub const LABEL_ROLE: &str = "pdctl.role";
-pub const LABEL_INDEX: &str = "pdctl.index";
-pub const LABEL_SPEC_HASH: &str = "pdctl.spec-hash";
-
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("cannot reach the Docker Engine: {0}")]
@@ -162,15 +156,6 @@ pub trait Runtime: Send + Sync {
     ) -> BoxStream<'static, Result<Bytes, RuntimeError>>;
     /// Deaths and OOM kills of the project's instances. Best effort: may end or miss events.
     fn events(&self, project: &str) -> BoxStream<'static, RuntimeEvent>;
-}
-
-/// The role and spec hash pdctl put on an instance, from its labels.
-pub(crate) fn role_of(labels: &BTreeMap<String, String>) -> Option<Role> {
-    match labels.get(LABEL_ROLE).map(String::as_str) {
-        Some("prefill") => Some(Role::Prefill),
-        Some("decode") => Some(Role::Decode),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

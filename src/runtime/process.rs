@@ -17,11 +17,8 @@ use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::{
-    role_of, ExitInfo, Observed, Progress, RunState, Runtime, RuntimeError, RuntimeEvent,
-    LABEL_PROJECT,
-};
-use crate::plan::Instance;
+use super::{ExitInfo, Observed, Progress, RunState, Runtime, RuntimeError, RuntimeEvent};
+use crate::plan::{label, Instance};
 
 /// What the state directory remembers about one instance.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -29,6 +26,10 @@ pub struct Record {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub spec_hash: String,
+    /// The instance's stop signal, so that `stop`, which gets only a name, sends the right
+    /// one. Absent in records written before it was kept: SIGTERM then.
+    #[serde(default)]
+    pub stop_signal: Option<String>,
     pub pid: Option<u32>,
     /// `/proc/<pid>/stat` field 22: with the pid, identifies the process across pid reuse.
     pub start_ticks: Option<u64>,
@@ -162,6 +163,7 @@ impl Runtime for ProcessRuntime {
                 name: inst.name.clone(),
                 labels: inst.labels.clone(),
                 spec_hash: inst.spec_hash.clone(),
+                stop_signal: Some(inst.stop_signal.clone()),
                 ..Record::default()
             })?;
             Ok(inst.name.clone())
@@ -208,6 +210,7 @@ impl Runtime for ProcessRuntime {
                 name: name.clone(),
                 labels: inst.labels.clone(),
                 spec_hash: inst.spec_hash.clone(),
+                stop_signal: Some(inst.stop_signal.clone()),
                 pid: Some(pid),
                 start_ticks: proc_start_ticks(pid),
                 exit_code: None,
@@ -264,9 +267,9 @@ impl Runtime for ProcessRuntime {
                 return Ok(());
             };
             let sig = rec
-                .labels
-                .get("pdctl.stop-signal")
-                .map_or(libc::SIGTERM, |s| signal_number(s));
+                .stop_signal
+                .as_deref()
+                .map_or(libc::SIGTERM, signal_number);
             signal_group(pid, sig);
             let deadline = tokio::time::Instant::now() + grace;
             while Self::alive(&rec) && tokio::time::Instant::now() < deadline {
@@ -312,7 +315,7 @@ impl Runtime for ProcessRuntime {
                 else {
                     continue;
                 };
-                if rec.labels.get(LABEL_PROJECT).map(String::as_str) != Some(project) {
+                if rec.labels.get(label::PROJECT).map(String::as_str) != Some(project) {
                     continue;
                 }
                 let (state, exit) = match rec.pid {
@@ -328,7 +331,7 @@ impl Runtime for ProcessRuntime {
                 };
                 out.push(Observed {
                     id: rec.pid.map(|p| p.to_string()).unwrap_or_default(),
-                    role: role_of(&rec.labels),
+                    role: label::role(&rec.labels),
                     name: rec.name,
                     spec_hash: rec.spec_hash,
                     labels: rec.labels,
@@ -476,5 +479,31 @@ mod tests {
         assert_eq!(logs[0].as_ref().unwrap().as_ref(), b"hello\n");
         rt.remove(&inst.name).await.unwrap();
         assert!(rt.list("t").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn stop_sends_the_instances_stop_signal() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new(dir.path()).unwrap();
+        let mut inst = crate::plan::testing::instance("t", crate::plan::Role::Prefill, 0, "h");
+        inst.stop_signal = "SIGINT".into();
+        // The engine says which signal ended it.
+        let script = "trap 'echo got INT; exit 0' INT; trap 'echo got TERM; exit 0' TERM; \
+                      echo up; while :; do sleep 0.05; done";
+        inst.argv = ["sh", "-c", script].map(String::from).to_vec();
+        rt.create(&inst).await.unwrap();
+        rt.start(&inst).await.unwrap();
+        while !String::from_utf8_lossy(&std::fs::read(rt.log_path(&inst.name)).unwrap_or_default())
+            .contains("up")
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        rt.stop(&inst.name, Duration::from_secs(5)).await.unwrap();
+        let log = std::fs::read_to_string(rt.log_path(&inst.name)).unwrap();
+        assert!(
+            log.contains("got INT"),
+            "stopped with another signal: {log:?}"
+        );
+        rt.remove(&inst.name).await.unwrap();
     }
 }

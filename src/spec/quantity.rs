@@ -1,8 +1,21 @@
 //! Kubernetes resource quantities (`1Gi`, `512Mi`, `2G`, `1e9`) as byte counts.
 
+/// Why a quantity is not a usable byte count.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantityError {
+    #[error("invalid quantity `{0}` (expected e.g. `1Gi`, `512Mi`, `2G`)")]
+    Invalid(String),
+    #[error("quantity `{0}` is not a whole number of bytes")]
+    Fraction(String),
+    #[error("quantity `{0}` must be more than 0 bytes")]
+    Zero(String),
+    #[error("quantity `{0}` is too large")]
+    TooLarge(String),
+}
+
 /// Parses a quantity that must come out as a whole, positive number of bytes.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let bad = || format!("invalid quantity `{s}` (expected e.g. `1Gi`, `512Mi`, `2G`)");
+pub fn parse_bytes(s: &str) -> Result<u64, QuantityError> {
+    let bad = || QuantityError::Invalid(s.to_string());
     let num_end = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
@@ -44,14 +57,14 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     } else {
         let p = 10u128.checked_pow((-exp) as u32).ok_or_else(bad)?;
         if value % p != 0 {
-            return Err(format!("quantity `{s}` is not a whole number of bytes"));
+            return Err(QuantityError::Fraction(s.to_string()));
         }
         value /= p;
     }
     if value == 0 {
-        return Err(format!("quantity `{s}` must be more than 0 bytes"));
+        return Err(QuantityError::Zero(s.to_string()));
     }
-    u64::try_from(value).map_err(|_| format!("quantity `{s}` is too large"))
+    u64::try_from(value).map_err(|_| QuantityError::TooLarge(s.to_string()))
 }
 
 #[cfg(test)]

@@ -75,7 +75,8 @@ pub struct RuntimeSection {
     pub command: Option<Vec<String>>,
 }
 
-/// KServe's decode/prefill template image at the reference commit.
+/// The image of KServe's `config-llm-template` and `config-llm-prefill-template` presets (kserve
+/// commit aaac4e29, the one the CRDs in `tests/data/kserve/` come from).
 pub const DEFAULT_IMAGE: &str = "ghcr.io/llm-d/llm-d-cuda:v0.9.0";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -203,7 +203,7 @@ fn pool(l: &LoadedSpec, role: Role, d: &mut Vec<Diagnostic>) {
         }
     }
     if let Err(e) = quantity::parse_bytes(&p.shm_size) {
-        d.push(l.at(&k("shm_size"), e));
+        d.push(l.at(&k("shm_size"), e.to_string()));
     }
     for name in p.env.keys() {
         let at = [Seg::Key(r), Seg::Key("env"), Seg::Key(name)];
