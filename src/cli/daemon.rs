@@ -1,21 +1,23 @@
-//! `pdctl up | down | status | logs | scale`: argument parsing, human output, exit codes.
+//! `pdctl up | down | status | logs | scale`: argument parsing and human output; the work is
+//! the daemon module's.
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
-use std::time::Duration;
 
 use comfy_table::{presets, Table};
 use futures_util::StreamExt;
 use http::Method;
 
+use super::exit::{CliError, CliResult};
 use super::gpus::GpuArg;
+use super::progress::{self, Ui};
 use super::{FileArg, OutputFormat};
 use crate::daemon::api::{self, ClientError, StatusReport};
-use crate::daemon::{stop_all, Deployment, Scale, StateDir, Up};
-use crate::plan::PullPolicy;
-use crate::runtime::{DockerRuntime, ProcessRuntime, Runtime};
-use crate::spec::{self, LoadedSpec, RuntimeKind};
+use crate::daemon::down::Down;
+use crate::daemon::{self, detach, Deployment, Scale, StateDir, Up};
+use crate::plan;
+use crate::spec::{self, LoadedSpec};
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -77,50 +79,25 @@ fn tokio_rt() -> tokio::runtime::Runtime {
         .expect("tokio runtime starts")
 }
 
-fn load_spec(path: &Path) -> Result<LoadedSpec, ExitCode> {
-    spec::load(path).map_err(|e| {
-        eprintln!("{e}");
-        ExitCode::from(2)
-    })
-}
-
-fn already_running(state: &StateDir, project: &str, file: &Path) -> ExitCode {
+fn already_running(state: &StateDir, project: &str, file: &Path) -> CliError {
     let pid = state
         .holder_pid()
         .map(|p| format!(" (pid {p})"))
         .unwrap_or_default();
-    eprintln!(
-        "error: project {project} is already running{pid}; `pdctl status -f {f}` shows it, `pdctl down -f {f}` stops it",
+    CliError::failure(anyhow::anyhow!(
+        "project {project} is already running{pid}; `pdctl status -f {f}` shows it, `pdctl down -f {f}` stops it",
         f = file.display()
-    );
-    ExitCode::FAILURE
+    ))
 }
 
-pub fn up(args: UpArgs) -> ExitCode {
+pub fn up(args: UpArgs) -> CliResult {
     let file = &args.file.file;
-    let inventory = match args.gpu.inventory() {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let dep = match Deployment::load(file, inventory.as_ref()) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(e.exit_code());
-        }
-    };
+    let inventory = args.gpu.inventory()?;
+    let dep = Deployment::load(file, inventory.as_ref())?;
     let project = dep.project().to_string();
     let state = StateDir::for_project(&project);
-    let lock = match state.try_lock() {
-        Ok(Some(l)) => l,
-        Ok(None) => return already_running(&state, &project, file),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(lock) = state.take_lock()? else {
+        return Err(already_running(&state, &project, file));
     };
     let scale = state.scale();
     if scale != Scale::default() {
@@ -130,93 +107,50 @@ pub fn up(args: UpArgs) -> ExitCode {
         );
     }
     // Validate the scaled plan before forking, so errors reach the user's terminal.
-    if let Err(e) = dep.plan(scale) {
-        eprintln!("{e}");
-        return ExitCode::from(e.exit_code());
-    }
+    dep.plan(scale)?;
     if args.detach && !args.daemon_child {
         drop(lock);
-        return detach(&args, &state, file);
+        return up_detached(&args, &state, file);
     }
     let up = Up {
         dep,
         scale,
         state,
         lock,
-        interactive: !args.daemon_child,
+        observer: Box::new(Ui::new(!args.daemon_child)),
     };
-    match tokio_rt().block_on(crate::daemon::run(up)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    Ok(tokio_rt().block_on(daemon::run(up))?)
 }
 
-/// Re-runs `up` in the background (own process group, output to the state directory's
-/// daemon.log) and waits until it reports every engine ready, or dies.
-fn detach(args: &UpArgs, state: &StateDir, file: &Path) -> ExitCode {
+/// Re-runs `up` as a background daemon and waits until it reports every engine ready.
+fn up_detached(args: &UpArgs, state: &StateDir, file: &Path) -> CliResult {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("pdctl"));
-    let log_path = state.log();
-    let log = match std::fs::File::create(&log_path) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("error: cannot create {}: {e}", log_path.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut cmd = std::process::Command::new(exe);
-    cmd.arg("up").arg("--file").arg(file).arg("--daemon-child");
+    let mut child_args: Vec<OsString> = vec![
+        "up".into(),
+        "--file".into(),
+        file.into(),
+        "--daemon-child".into(),
+    ];
     if let Some(g) = &args.gpu.gpus {
-        cmd.arg("--gpus").arg(g);
+        child_args.extend(["--gpus".into(), g.into()]);
     }
-    use std::os::unix::process::CommandExt;
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log handle clones"))
-        .stderr(log)
-        .process_group(0)
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: cannot start the daemon: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let rt = tokio_rt();
+    let mut child = detach::spawn(&exe, &child_args, state)?;
     let mut last = String::new();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            eprintln!("error: the daemon exited during startup ({status}); its log:\n{log}");
-            return ExitCode::FAILURE;
+    let ready = tokio_rt().block_on(child.wait_ready(state, |r| {
+        let line = progress_line(r);
+        if line != last {
+            eprintln!("{line}");
+            last = line;
         }
-        if let Ok(r) = rt.block_on(api::call::<StatusReport>(
-            &state.socket(),
-            Method::GET,
-            "/v1/status",
-            None,
-        )) {
-            let line = progress_line(&r);
-            if line != last {
-                eprintln!("{line}");
-                last = line;
-            }
-            if r.all_ready() {
-                println!("{}", crate::daemon::ui::banner(&r));
-                println!(
-                    "daemon pid {} (log: {}); `pdctl status -f {f}`, `pdctl down -f {f}`",
-                    r.pid,
-                    log_path.display(),
-                    f = file.display()
-                );
-                return ExitCode::SUCCESS;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    }))?;
+    println!("{}", progress::banner(&ready));
+    println!(
+        "daemon pid {} (log: {}); `pdctl status -f {f}`, `pdctl down -f {f}`",
+        ready.pid,
+        child.log().display(),
+        f = file.display()
+    );
+    Ok(())
 }
 
 fn progress_line(r: &StatusReport) -> String {
@@ -239,122 +173,37 @@ fn describe(s: Scale) -> String {
     v.join(" ")
 }
 
-/// A runtime good enough to list, stop, remove and read logs (no pulls).
-async fn runtime_of(l: &LoadedSpec, state: &StateDir) -> Result<Box<dyn Runtime>, String> {
-    match l.spec.runtime.kind {
-        RuntimeKind::Docker => {
-            let net = l.spec.runtime.network_mode.as_deref().unwrap_or("host");
-            DockerRuntime::connect(PullPolicy::Never, net)
-                .await
-                .map(|d| Box::new(d) as Box<dyn Runtime>)
-                .map_err(|e| e.to_string())
-        }
-        RuntimeKind::Process => ProcessRuntime::new(&state.dir)
-            .map(|p| Box::new(p) as Box<dyn Runtime>)
-            .map_err(|e| e.to_string()),
-    }
-}
-
-pub fn down(args: DownArgs) -> ExitCode {
-    let l = match load_spec(&args.file.file) {
-        Ok(l) => l,
-        Err(c) => return c,
-    };
+pub fn down(args: DownArgs) -> CliResult {
+    let l = spec::load(&args.file.file)?;
     let state = StateDir::for_project(&l.project);
-    let rt = tokio_rt();
-    let asked = rt.block_on(api::call::<serde_json::Value>(
-        &state.socket(),
-        Method::POST,
-        "/v1/down",
-        None,
-    ));
-    match asked {
-        Ok(_) => {
-            eprintln!("{}: stopping (proxy drains, then engines stop)", l.project);
-            // The daemon releases the lock as its very last step.
-            loop {
-                match state.try_lock() {
-                    Ok(Some(_)) => break,
-                    Ok(None) => std::thread::sleep(Duration::from_millis(100)),
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            }
-            println!("{}: down", l.project);
-            ExitCode::SUCCESS
-        }
-        Err(ClientError::NotRunning { .. }) => {
-            // No daemon (never started, or killed): clean up what it may have left behind.
-            let _lock = match state.try_lock() {
-                Ok(Some(lock)) => lock,
-                Ok(None) => {
-                    eprintln!(
-                        "error: the daemon of {} (pid {:?}) holds the lock but does not answer on {}",
-                        l.project,
-                        state.holder_pid(),
-                        state.socket().display()
-                    );
-                    return ExitCode::FAILURE;
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let result = rt.block_on(async {
-                let runtime = runtime_of(&l, &state).await?;
-                stop_all(runtime.as_ref(), &l.project, Duration::from_secs(30))
-                    .await
-                    .map_err(|e| e.to_string())
-            });
-            let _ = std::fs::remove_file(state.socket());
-            state.clear_scale();
-            match result {
-                Ok(0) => println!("{}: not running; nothing to do", l.project),
-                Ok(n) => println!(
-                    "{}: down ({n} leftover engines stopped and removed)",
-                    l.project
-                ),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
-                }
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
+    let done = tokio_rt().block_on(daemon::down::down(&l, &state, || {
+        eprintln!("{}: stopping (proxy drains, then engines stop)", l.project)
+    }))?;
+    match done {
+        Down::Stopped => println!("{}: down", l.project),
+        Down::CleanedUp { leftovers: 0 } => println!("{}: not running; nothing to do", l.project),
+        Down::CleanedUp { leftovers } => println!(
+            "{}: down ({leftovers} leftover engines stopped and removed)",
+            l.project
+        ),
+    }
+    Ok(())
+}
+
+/// A `ClientError::NotRunning` as `status` and `scale` report it (exit status 3).
+fn not_running(e: ClientError, notice: impl FnOnce() -> String) -> CliError {
+    match e {
+        ClientError::NotRunning { .. } => CliError::not_running(notice()),
+        e => e.into(),
     }
 }
 
-fn fetch_status(state: &StateDir, project: &str) -> Result<StatusReport, ExitCode> {
-    tokio_rt()
+pub fn status(args: StatusArgs) -> CliResult {
+    let l = spec::load(&args.file.file)?;
+    let state = StateDir::for_project(&l.project);
+    let report: StatusReport = tokio_rt()
         .block_on(api::call(&state.socket(), Method::GET, "/v1/status", None))
-        .map_err(|e| match e {
-            ClientError::NotRunning { .. } => {
-                eprintln!("{project} is not running");
-                ExitCode::from(3)
-            }
-            e => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        })
-}
-
-pub fn status(args: StatusArgs) -> ExitCode {
-    let l = match load_spec(&args.file.file) {
-        Ok(l) => l,
-        Err(c) => return c,
-    };
-    let report = match fetch_status(&StateDir::for_project(&l.project), &l.project) {
-        Ok(r) => r,
-        Err(c) => return c,
-    };
+        .map_err(|e| not_running(e, || format!("{} is not running", l.project)))?;
     match args.output {
         OutputFormat::Json => println!(
             "{}",
@@ -362,7 +211,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
         ),
         OutputFormat::Table => println!("{}", table(&report)),
     }
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 pub fn table(r: &StatusReport) -> String {
@@ -398,41 +247,21 @@ pub fn table(r: &StatusReport) -> String {
     )
 }
 
-pub fn logs(args: LogsArgs) -> ExitCode {
-    let l = match load_spec(&args.file) {
-        Ok(l) => l,
-        Err(c) => return c,
-    };
+pub fn logs(args: LogsArgs) -> CliResult {
+    let l: LoadedSpec = spec::load(&args.file)?;
     let state = StateDir::for_project(&l.project);
-    let name = if args.instance.starts_with("pdctl-") {
-        args.instance.clone()
-    } else {
-        format!("pdctl-{}-{}", l.project, args.instance)
-    };
+    let name = plan::full_instance_name(&l.project, &args.instance);
     tokio_rt().block_on(async {
-        let runtime = match runtime_of(&l, &state).await {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+        let runtime = daemon::connect_runtime(&plan::runtime_plan(&l.spec), &state).await?;
         let mut stream = runtime.logs(&name, args.tail, args.follow);
         let mut out = std::io::stdout();
         while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(b) => {
-                    if out.write_all(&b).and_then(|_| out.flush()).is_err() {
-                        return ExitCode::SUCCESS;
-                    }
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
-                }
+            // A closed stdout (`| head`) ends the command quietly.
+            if out.write_all(&chunk?).and_then(|_| out.flush()).is_err() {
+                break;
             }
         }
-        ExitCode::SUCCESS
+        Ok::<(), CliError>(())
     })
 }
 
@@ -455,54 +284,39 @@ pub fn parse_scale(args: &[String]) -> Result<Scale, String> {
     Ok(s)
 }
 
-pub fn scale(args: ScaleArgs) -> ExitCode {
-    let l = match load_spec(&args.file.file) {
-        Ok(l) => l,
-        Err(c) => return c,
-    };
-    let want = match parse_scale(&args.replicas) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
+pub fn scale(args: ScaleArgs) -> CliResult {
+    let l = spec::load(&args.file.file)?;
+    let want = parse_scale(&args.replicas).map_err(CliError::invalid)?;
     let state = StateDir::for_project(&l.project);
     let body = serde_json::to_vec(&want).expect("scale serialises");
-    let r = tokio_rt().block_on(api::call::<StatusReport>(
-        &state.socket(),
-        Method::POST,
-        "/v1/scale",
-        Some(body),
-    ));
-    match r {
-        Ok(r) => {
-            println!(
-                "{}: prefill {} decode {} (the daemon keeps this until `pdctl down`)",
-                r.project, r.prefill_replicas, r.decode_replicas
-            );
-            let f = args.file.file.display();
-            println!("to keep it, set in {f}:");
-            if want.prefill.is_some() {
-                println!("  [prefill]\n  replicas = {}", r.prefill_replicas);
-            }
-            if want.decode.is_some() {
-                println!("  [decode]\n  replicas = {}", r.decode_replicas);
-            }
-            ExitCode::SUCCESS
-        }
-        Err(ClientError::NotRunning { .. }) => {
-            eprintln!(
-                "{} is not running; change replicas in the file and `pdctl up`",
-                l.project
-            );
-            ExitCode::from(3)
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
+    let r: StatusReport = tokio_rt()
+        .block_on(api::call(
+            &state.socket(),
+            Method::POST,
+            "/v1/scale",
+            Some(body),
+        ))
+        .map_err(|e| {
+            not_running(e, || {
+                format!(
+                    "{} is not running; change replicas in the file and `pdctl up`",
+                    l.project
+                )
+            })
+        })?;
+    println!(
+        "{}: prefill {} decode {} (the daemon keeps this until `pdctl down`)",
+        r.project, r.prefill_replicas, r.decode_replicas
+    );
+    let f = args.file.file.display();
+    println!("to keep it, set in {f}:");
+    if want.prefill.is_some() {
+        println!("  [prefill]\n  replicas = {}", r.prefill_replicas);
     }
+    if want.decode.is_some() {
+        println!("  [decode]\n  replicas = {}", r.decode_replicas);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,12 +1,11 @@
 //! `pdctl export kserve|k8s|compose -f FILE [-o DIR]`.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
+use super::exit::{CliError, CliResult};
 use super::gpus::GpuArg;
 use super::FileArg;
 use crate::gpu::{FixedInventory, GpuInventory};
-use crate::plan::PlanError;
 
 use crate::export::{render, Kind, Options, Sidecar};
 
@@ -36,28 +35,13 @@ pub struct ExportArgs {
     pub gpu: GpuArg,
 }
 
-fn fail(e: &PlanError) -> ExitCode {
-    match e {
-        PlanError::Invalid(_) => eprintln!("{e}"),
-        PlanError::Gpu(_) => eprintln!("error: {e}"),
-    }
-    ExitCode::from(e.exit_code())
-}
-
-pub fn run(args: ExportArgs) -> ExitCode {
+pub fn run(args: ExportArgs) -> CliResult {
     // A cluster schedules GPUs itself: placement on this host only matters to compose.
     let inventory: Result<Box<dyn GpuInventory>, _> = match (args.kind, &args.gpu.gpus) {
         (Kind::Compose, _) | (_, Some(_)) => args.gpu.inventory(),
         _ => FixedInventory::parse("64").map(|i| Box::new(i) as Box<dyn GpuInventory>),
     };
-    let inventory = match inventory {
-        Ok(i) => i,
-        Err(e) => return fail(&PlanError::Gpu(e)),
-    };
-    let plan = match crate::plan::plan_file(&args.file.file, inventory.as_ref()) {
-        Ok(plan) => plan,
-        Err(e) => return fail(&e),
-    };
+    let plan = crate::plan::plan_file(&args.file.file, inventory?.as_ref())?;
     let pdctl_image = args
         .pdctl_image
         .unwrap_or_else(crate::export::pod::pdctl_image);
@@ -71,26 +55,19 @@ pub fn run(args: ExportArgs) -> ExitCode {
         sidecar,
         pdctl_image,
     };
-    let text = match render(args.kind, &plan, &opts) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let text = render(args.kind, &plan, &opts)?;
     match args.output {
         None => print!("{text}"),
         Some(dir) => {
             let kind = format!("{:?}", args.kind).to_lowercase();
             let path = dir.join(format!("{}-{kind}.yaml", plan.project));
-            if let Err(e) =
-                std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, &text))
-            {
-                eprintln!("error: cannot write {}: {e}", path.display());
-                return ExitCode::FAILURE;
-            }
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&path, &text))
+                .map_err(|e| {
+                    CliError::failure(anyhow::anyhow!("cannot write {}: {e}", path.display()))
+                })?;
             println!("wrote {}", path.display());
         }
     }
-    ExitCode::SUCCESS
+    Ok(())
 }

@@ -1,9 +1,8 @@
 //! `pdctl gpus` and the `--gpus` flag other commands reuse.
 
-use std::process::ExitCode;
-
 use comfy_table::{presets, Table};
 
+use super::exit::CliResult;
 use super::OutputFormat;
 use crate::gpu::{GpuError, GpuInfo, GpuInventory};
 
@@ -31,24 +30,16 @@ pub struct GpusArgs {
     pub output: OutputFormat,
 }
 
-pub fn run(args: GpusArgs) -> ExitCode {
-    let gpus = args.gpu.inventory().and_then(|inv| inv.gpus());
-    match gpus {
-        Ok(gpus) => {
-            match args.output {
-                OutputFormat::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&gpus).expect("GpuInfo serialises")
-                ),
-                OutputFormat::Table => println!("{}", table(&gpus)),
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
+pub fn run(args: GpusArgs) -> CliResult {
+    let gpus = args.gpu.inventory()?.gpus()?;
+    match args.output {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&gpus).expect("GpuInfo serialises")
+        ),
+        OutputFormat::Table => println!("{}", table(&gpus)),
     }
+    Ok(())
 }
 
 pub fn table(gpus: &[GpuInfo]) -> String {

@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod daemon;
+pub mod exit;
 pub mod export;
 pub mod gpus;
 pub mod plan;
+mod progress;
 pub mod proxy;
 
 #[derive(Debug, Parser)]
@@ -103,7 +105,10 @@ pub fn main() -> ExitCode {
     let invoked_as = argv.next().unwrap_or_default();
     if std::path::Path::new(&invoked_as).file_name() == Some(std::ffi::OsStr::new("vllm")) {
         init_logging(LogFormat::Text);
-        return sim(&argv.collect::<Vec<_>>());
+        return match sim(&argv.collect::<Vec<_>>()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => e.report(),
+        };
     }
     let mut args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("sidecar") {
@@ -112,7 +117,7 @@ pub fn main() -> ExitCode {
     }
     let cli = Cli::parse_from(args);
     init_logging(cli.log_format);
-    match cli.command {
+    let result = match cli.command {
         Command::Validate(a) => plan::validate(a),
         Command::Plan(a) => plan::plan(a),
         Command::Gpus(a) => gpus::run(a),
@@ -125,26 +130,23 @@ pub fn main() -> ExitCode {
         Command::Proxy(a) => proxy::run_proxy(a),
         Command::Export(a) => export::run(a),
         Command::Sidecar(a) => proxy::run_sidecar(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => e.report(),
     }
 }
 
-/// `pdctl sim`, or pdctl invoked as `vllm`: bad arguments show the usage and exit 2.
-fn sim(args: &[String]) -> ExitCode {
+/// `pdctl sim`, or pdctl invoked as `vllm`: bad arguments show the usage as well.
+fn sim(args: &[String]) -> exit::CliResult {
     use crate::sim::args::{ArgsError, USAGE};
     use crate::sim::SimError;
     match crate::sim::run(args) {
-        Ok(()) => ExitCode::SUCCESS,
         Err(SimError::Args(ArgsError::Help)) => {
             println!("{USAGE}");
-            ExitCode::SUCCESS
+            Ok(())
         }
-        Err(SimError::Args(e)) => {
-            eprintln!("error: {e}\n\n{USAGE}");
-            ExitCode::from(2)
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
+        Err(SimError::Args(e)) => Err(exit::CliError::invalid(format!("{e}\n\n{USAGE}"))),
+        result => result.map_err(exit::CliError::failure),
     }
 }

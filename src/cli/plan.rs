@@ -1,12 +1,11 @@
 //! `pdctl validate` and `pdctl plan`.
 
-use std::process::ExitCode;
-
 use comfy_table::{presets, Table};
 
+use super::exit::CliResult;
 use super::gpus::GpuArg;
 use super::{FileArg, OutputFormat};
-use crate::plan::{NamespaceMode, Plan, PlanError, RuntimePlan};
+use crate::plan::{NamespaceMode, Plan, RuntimePlan};
 
 #[derive(Debug, clap::Args)]
 pub struct ValidateArgs {
@@ -25,23 +24,10 @@ pub struct PlanArgs {
     pub output: OutputFormat,
 }
 
-fn fail(e: &PlanError) -> ExitCode {
-    match e {
-        PlanError::Invalid(_) => eprintln!("{e}"),
-        PlanError::Gpu(_) => eprintln!("error: {e}"),
-    }
-    ExitCode::from(e.exit_code())
-}
-
-pub fn validate(args: ValidateArgs) -> ExitCode {
+pub fn validate(args: ValidateArgs) -> CliResult {
     let path = &args.file.file;
-    let loaded = match crate::spec::load(path).map_err(PlanError::from) {
-        Ok(l) => l,
-        Err(e) => return fail(&e),
-    };
-    if let Err(e) = crate::plan::check(&loaded) {
-        return fail(&e);
-    }
+    let loaded = crate::spec::load(path)?;
+    crate::plan::check(&loaded)?;
     let s = &loaded.spec;
     println!(
         "{}: ok (project {}: prefill {}×{} GPU, decode {}×{} GPU, {} GPUs in all; proxy {})",
@@ -54,27 +40,20 @@ pub fn validate(args: ValidateArgs) -> ExitCode {
         crate::plan::gpus_needed(s),
         s.proxy.listen
     );
-    ExitCode::SUCCESS
+    Ok(())
 }
 
-pub fn plan(args: PlanArgs) -> ExitCode {
-    let inventory = match args.gpu.inventory() {
-        Ok(i) => i,
-        Err(e) => return fail(&PlanError::Gpu(e)),
-    };
-    match crate::plan::plan_file(&args.file.file, inventory.as_ref()) {
-        Ok(plan) => {
-            match args.output {
-                OutputFormat::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&plan).expect("plan serialises")
-                ),
-                OutputFormat::Table => println!("{}", render(&plan)),
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(&e),
+pub fn plan(args: PlanArgs) -> CliResult {
+    let inventory = args.gpu.inventory()?;
+    let plan = crate::plan::plan_file(&args.file.file, inventory.as_ref())?;
+    match args.output {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&plan).expect("plan serialises")
+        ),
+        OutputFormat::Table => println!("{}", render(&plan)),
     }
+    Ok(())
 }
 
 /// The human view: one row per instance, then the notes a user needs to read it right.

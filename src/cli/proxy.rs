@@ -1,7 +1,6 @@
 //! `pdctl proxy` (static or DNS-discovered pools) and `pdctl sidecar` (llm-d's flags).
 
 use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Args};
@@ -9,11 +8,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::exit::{CliError, CliResult};
 use crate::spec::proxy::{PickPolicy, PrefillFailurePolicy, ProxySection};
 
 use crate::proxy::discovery::{self, Sources};
 use crate::proxy::security::Allowlist;
-use crate::proxy::{serve, Config, Endpoint, EndpointSet, Mode};
+use crate::proxy::{serve, Config, Endpoint, EndpointSet, Mode, ProxyError};
 
 /// Flags shared by both front doors; each maps onto a `[proxy]` key of pools.toml.
 #[derive(Debug, Clone, Args)]
@@ -165,25 +165,24 @@ pub fn normalize_go_flags(args: impl IntoIterator<Item = String>) -> Vec<String>
         .collect()
 }
 
-fn fail(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {message}");
-    ExitCode::from(2)
-}
-
-pub fn run_proxy(args: ProxyArgs) -> ExitCode {
+pub fn run_proxy(args: ProxyArgs) -> CliResult {
     let mut section = ProxySection {
         listen: args.listen.to_string(),
         ..ProxySection::default()
     };
     args.policy.apply(&mut section);
     if let Some(problem) = section.problems().into_iter().next() {
-        return fail(format!("{}: {}", problem.0, problem.1));
+        return Err(CliError::invalid(format!("{}: {}", problem.0, problem.1)));
     }
     if args.prefill.is_empty() && args.prefill_dns.is_empty() {
-        return fail("give at least one --prefill URL or --prefill-dns NAME:PORT");
+        return Err(CliError::invalid(
+            "give at least one --prefill URL or --prefill-dns NAME:PORT",
+        ));
     }
     if args.decode.is_empty() && args.decode_dns.is_empty() {
-        return fail("give at least one --decode URL or --decode-dns NAME:PORT");
+        return Err(CliError::invalid(
+            "give at least one --decode URL or --decode-dns NAME:PORT",
+        ));
     }
     let sources = Sources {
         prefill: args.prefill,
@@ -200,30 +199,35 @@ pub fn run_proxy(args: ProxyArgs) -> ExitCode {
     run(cfg, args.listen, sources)
 }
 
-pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
+pub fn run_sidecar(args: SidecarArgs) -> CliResult {
     if args.kv_connector != "nixlv2" {
-        return fail(format!(
+        return Err(CliError::invalid(format!(
             "--kv-connector {}: pdctl's sidecar speaks nixlv2 only",
             args.kv_connector
-        ));
+        )));
     }
     if args.secure_proxy || !args.enable_tls.is_empty() {
-        return fail("pdctl's sidecar serves and dials plain HTTP; pass --secure-proxy=false and terminate TLS in front of it");
+        return Err(CliError::invalid("pdctl's sidecar serves and dials plain HTTP; pass --secure-proxy=false and terminate TLS in front of it"));
     }
     let ssrf = if args.enable_ssrf_protection {
         let mut entries: Vec<String> = args.ssrf_allowlist.clone();
         if let Some(file) = &args.ssrf_allowlist_file {
             match std::fs::read_to_string(file) {
                 Ok(text) => entries.extend(text.lines().map(str::to_string)),
-                Err(e) => return fail(format!("--ssrf-allowlist-file {}: {e}", file.display())),
+                Err(e) => {
+                    return Err(CliError::invalid(format!(
+                        "--ssrf-allowlist-file {}: {e}",
+                        file.display()
+                    )))
+                }
             }
         }
         let list = match Allowlist::parse(entries.iter().map(String::as_str)) {
             Ok(list) => list,
-            Err(e) => return fail(e),
+            Err(e) => return Err(CliError::invalid(e)),
         };
         if list.is_empty() && !args.ssrf_deny_all {
-            return fail("--enable-ssrf-protection needs --ssrf-allowlist or --ssrf-allowlist-file (pdctl does not watch InferencePools)");
+            return Err(CliError::invalid("--enable-ssrf-protection needs --ssrf-allowlist or --ssrf-allowlist-file (pdctl does not watch InferencePools)"));
         }
         Some(list)
     } else {
@@ -240,7 +244,7 @@ pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
     args.policy.apply(&mut section);
     if let Some(problem) = section.problems().into_iter().next() {
         if problem.0 != "listen" {
-            return fail(format!("{}: {}", problem.0, problem.1));
+            return Err(CliError::invalid(format!("{}: {}", problem.0, problem.1)));
         }
     }
     let listen = SocketAddr::new(args.host, args.port);
@@ -258,24 +262,20 @@ pub fn run_sidecar(args: SidecarArgs) -> ExitCode {
     run(cfg, listen, sources)
 }
 
-fn run(cfg: Config, listen: SocketAddr, sources: Sources) -> ExitCode {
+fn run(cfg: Config, listen: SocketAddr, sources: Sources) -> CliResult {
     // This runtime only binds, resolves and waits for signals: requests run on the proxy's own
     // worker threads (see `serve`).
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
-    };
+        .map_err(|e| CliError::failure(anyhow::anyhow!("cannot start the async runtime: {e}")))?;
     runtime.block_on(async move {
-        let listener = match TcpListener::bind(listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("error: cannot listen on {listen}: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| ProxyError::Bind {
+                addr: listen.to_string(),
+                source,
+            })?;
         let initial = discovery::current(&sources).await;
         log_endpoints(&initial);
         let (tx, rx) = watch::channel(initial);
@@ -291,13 +291,8 @@ fn run(cfg: Config, listen: SocketAddr, sources: Sources) -> ExitCode {
             tracing::info!("shutting down: draining in-flight requests");
             stop.cancel();
         });
-        match serve(listener, cfg, rx, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        }
+        serve(listener, cfg, rx, shutdown).await?;
+        Ok::<(), CliError>(())
     })
 }
 

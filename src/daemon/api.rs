@@ -49,7 +49,7 @@ impl StatusReport {
 /// What the server needs from the daemon.
 pub trait Control: Send + Sync + 'static {
     fn status(&self) -> StatusReport;
-    fn scale(&self, s: Scale) -> Result<StatusReport, String>;
+    fn scale(&self, s: Scale) -> Result<StatusReport, DaemonError>;
     fn down(&self);
 }
 
@@ -82,7 +82,9 @@ async fn handle(ctl: Arc<dyn Control>, req: Request<Incoming>) -> Response<Full<
             match serde_json::from_slice::<Scale>(&body) {
                 Ok(s) => match ctl.scale(s) {
                     Ok(r) => json(StatusCode::OK, &r),
-                    Err(e) => err(StatusCode::BAD_REQUEST, e),
+                    // The wire carries the message; the client shows it as the daemon's refusal.
+                    Err(e @ DaemonError::Plan(_)) => err(StatusCode::BAD_REQUEST, e.to_string()),
+                    Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
                 },
                 Err(e) => err(StatusCode::BAD_REQUEST, e.to_string()),
             }

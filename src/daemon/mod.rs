@@ -14,13 +14,16 @@ use crate::plan::{self, Plan, PlanError, Role, RuntimePlan};
 use crate::proxy::EndpointSet;
 use crate::reconcile::{self, InstanceStatus, Reconciler};
 use crate::runtime::{DockerRuntime, ProcessRuntime, Runtime, RuntimeError};
-use crate::spec::{self, LoadedSpec};
+use crate::spec::LoadedSpec;
 
 pub mod api;
+pub mod detach;
+pub mod down;
+pub mod progress;
 pub mod state;
-pub(crate) mod ui;
 
-pub use api::StatusReport;
+pub use api::{ClientError, StatusReport};
+pub use progress::Observer;
 pub use state::{Scale, StateDir};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,21 @@ pub enum DaemonError {
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Plan(#[from] PlanError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("cannot start the daemon: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the daemon exited during startup ({status}); its log:\n{log}")]
+    StartupExit {
+        status: std::process::ExitStatus,
+        log: String,
+    },
+    #[error("the daemon of {project} (pid {pid:?}) holds the lock but does not answer on {}", socket.display())]
+    Unresponsive {
+        project: String,
+        pid: Option<u32>,
+        socket: PathBuf,
+    },
 }
 
 impl DaemonError {
@@ -65,10 +83,7 @@ pub struct Deployment {
 
 impl Deployment {
     pub fn load(path: &Path, inventory: &dyn GpuInventory) -> Result<Self, PlanError> {
-        let loaded = spec::load(path)?;
-        plan::check(&loaded)?;
-        let needs = plan::gpus_needed(&loaded.spec) > 0 || loaded.spec.gpus.is_some();
-        let gpus = if needs { inventory.gpus()? } else { Vec::new() };
+        let (loaded, gpus) = plan::load(path, inventory)?;
         Ok(Deployment { loaded, gpus })
     }
 
@@ -89,9 +104,13 @@ impl Deployment {
     }
 }
 
-/// The runtime the plan asks for.
-pub async fn runtime_for(plan: &Plan, state: &StateDir) -> Result<Arc<dyn Runtime>, DaemonError> {
-    Ok(match &plan.runtime {
+/// The runtime a plan asks for ([`plan::runtime_plan`] when only listing, stopping or reading
+/// logs); local processes keep their records in the project's state directory.
+pub async fn connect_runtime(
+    runtime: &RuntimePlan,
+    state: &StateDir,
+) -> Result<Arc<dyn Runtime>, RuntimeError> {
+    Ok(match runtime {
         RuntimePlan::Docker {
             pull_policy,
             network_mode,
@@ -155,14 +174,14 @@ impl api::Control for Ctl {
         }
     }
 
-    fn scale(&self, s: Scale) -> Result<StatusReport, String> {
+    fn scale(&self, s: Scale) -> Result<StatusReport, DaemonError> {
         let mut cur = self.scale.lock().unwrap_or_else(|p| p.into_inner());
         let next = Scale {
             prefill: s.prefill.or(cur.prefill),
             decode: s.decode.or(cur.decode),
         };
-        let plan = self.dep.plan(next).map_err(|e| e.to_string())?;
-        self.state.set_scale(next).map_err(|e| e.to_string())?;
+        let plan = self.dep.plan(next)?;
+        self.state.set_scale(next)?;
         *cur = next;
         drop(cur);
         tracing::info!(prefill = ?next.prefill, decode = ?next.decode, "scaled");
@@ -181,8 +200,8 @@ pub struct Up {
     pub scale: Scale,
     pub state: StateDir,
     pub lock: std::fs::File,
-    /// Print live progress and the endpoint banner (stderr / stdout).
-    pub interactive: bool,
+    /// Who is told about pulls, state changes, readiness and the end.
+    pub observer: Box<dyn Observer>,
 }
 
 /// Runs the daemon in this process until Ctrl-C, SIGTERM or `pdctl down`.
@@ -192,7 +211,7 @@ pub async fn run(up: Up) -> Result<(), DaemonError> {
         scale,
         state,
         mut lock,
-        interactive,
+        observer,
     } = up;
     state::write_pid(&mut lock);
     let plan = dep.plan(scale)?;
@@ -210,9 +229,8 @@ pub async fn run(up: Up) -> Result<(), DaemonError> {
             addr: listen.clone(),
             source,
         })?;
-    let runtime = runtime_for(&plan, &state).await?;
-    let ui = ui::Ui::new(interactive);
-    ensure_images(runtime.as_ref(), &plan, &ui).await?;
+    let runtime = connect_runtime(&plan.runtime, &state).await?;
+    ensure_images(runtime.as_ref(), &plan, observer.as_ref()).await?;
     let control = api::bind(&state.socket())?;
 
     let stop = CancellationToken::new();
@@ -267,7 +285,7 @@ pub async fn run(up: Up) -> Result<(), DaemonError> {
             stop.cancel();
         });
     }
-    ui.follow(ctl.as_ref(), status_rx, &stop).await;
+    progress::follow(observer.as_ref(), ctl.as_ref(), status_rx, &stop).await;
 
     // Down: routing first (in-flight requests drain), then the engines.
     recon_stop.cancel();
@@ -289,22 +307,23 @@ pub async fn run(up: Up) -> Result<(), DaemonError> {
     let _ = api_task.await;
     let _ = std::fs::remove_file(state.socket());
     state.clear_scale();
-    ui.line(&format!(
-        "{}: down ({n} engines stopped and removed)",
-        plan.project
-    ));
+    observer.down(&plan.project, n);
     drop(lock);
     Ok(())
 }
 
-async fn ensure_images(rt: &dyn Runtime, plan: &Plan, ui: &ui::Ui) -> Result<(), DaemonError> {
+async fn ensure_images(
+    rt: &dyn Runtime,
+    plan: &Plan,
+    observer: &dyn Observer,
+) -> Result<(), DaemonError> {
     let mut done: Vec<Option<String>> = Vec::new();
     for inst in &plan.instances {
         if done.contains(&inst.image) {
             continue;
         }
         done.push(inst.image.clone());
-        let bar = ui.pull_bar(inst.image.as_deref().unwrap_or("-"));
+        let bar = observer.pulling(inst.image.as_deref().unwrap_or("-"));
         let r = rt.ensure_image(inst, &|p| bar.update(&p)).await;
         bar.finish();
         r?;

@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +89,23 @@ impl StateDir {
         }
     }
 
+    /// Takes the project's lock for a new daemon; `Ok(None)` when a live daemon holds it. A
+    /// daemon that was just killed can hold it a moment longer (the kernel drops it when the
+    /// last of its threads has exited), so a dead holder is waited for, briefly.
+    pub fn take_lock(&self) -> Result<Option<File>, DaemonError> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            if let Some(lock) = self.try_lock()? {
+                return Ok(Some(lock));
+            }
+            let holder_dead = self.holder_pid().is_some_and(|pid| !process_alive(pid));
+            if !holder_dead || Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The pid the lock holder wrote, for messages.
     pub fn holder_pid(&self) -> Option<u32> {
         std::fs::read_to_string(self.lock_path())
@@ -115,6 +133,17 @@ impl StateDir {
     }
 }
 
+/// A process that exists and has not exited (a zombie has, though its /proc entry stays).
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // `pid (comm) S ...`: the state letter follows the last `)`.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
 /// Writes our pid into the held lock file.
 pub fn write_pid(lock: &mut File) {
     use std::io::{Seek, Write};
@@ -139,6 +168,33 @@ mod tests {
         assert!(s.try_lock().unwrap().is_none());
         drop(first);
         assert!(s.try_lock().unwrap().is_some());
+    }
+
+    #[test]
+    fn a_live_holder_keeps_the_lock_and_a_dead_one_is_told_apart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = StateDir {
+            dir: tmp.path().join("p"),
+        };
+        let mut first = s.try_lock().unwrap().expect("first lock");
+        write_pid(&mut first);
+        let t0 = Instant::now();
+        assert!(s.take_lock().unwrap().is_none());
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "a live holder is not waited for"
+        );
+
+        assert!(process_alive(std::process::id()));
+        // Exited but not reaped: a zombie, which counts as dead.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_alive(pid) {
+            assert!(Instant::now() < deadline, "pid {pid} still counts as alive");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait().unwrap();
     }
 
     #[test]

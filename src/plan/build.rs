@@ -209,7 +209,9 @@ fn model_plan(l: &LoadedSpec) -> Result<ModelPlan, PlanError> {
     })
 }
 
-fn runtime_plan(spec: &Spec) -> RuntimePlan {
+/// Where the instances of `spec` run; needs no GPUs, so commands that only list, stop or read
+/// logs can reach the runtime without planning placement.
+pub fn runtime_plan(spec: &Spec) -> RuntimePlan {
     let r = &spec.runtime;
     match r.kind {
         RuntimeKind::Docker => RuntimePlan::Docker {

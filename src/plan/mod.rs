@@ -14,12 +14,12 @@ pub mod ports;
 #[cfg(test)]
 pub mod testing;
 
-pub use build::{build, check, gpus_needed};
+pub use build::{build, check, gpus_needed, runtime_plan};
 pub use instance::{full_instance_name, instance_name, labels, spec_hash, KV_TRANSFER_CONFIG};
 pub use model::*;
 
-use crate::gpu::{GpuError, GpuInventory};
-use crate::spec::{self, Spec, SpecError};
+use crate::gpu::{GpuError, GpuInfo, GpuInventory};
+use crate::spec::{self, LoadedSpec, Spec, SpecError};
 
 /// Docker's network mode that shares the host's network: the default, so that engines bind
 /// their planned ports on the host as local processes do.
@@ -35,7 +35,7 @@ pub fn network_mode(spec: &Spec) -> &str {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
-    /// The file is wrong (located diagnostics; exit status 2).
+    /// The file is wrong (located diagnostics).
     #[error("{0}")]
     Invalid(#[from] SpecError),
     /// The GPU inventory could not be read.
@@ -43,19 +43,13 @@ pub enum PlanError {
     Gpu(#[from] GpuError),
 }
 
-impl PlanError {
-    /// 2 for bad input (a missing file included), 1 when the host could not be inspected.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            PlanError::Invalid(_) => 2,
-            PlanError::Gpu(_) => 1,
-        }
-    }
-}
-
-/// Loads `path`, checks it, and builds its plan. The inventory is queried only when some
-/// replica needs a GPU, so CPU/simulated deployments plan on machines without a driver.
-pub fn plan_file(path: &Path, inventory: &dyn GpuInventory) -> Result<Plan, PlanError> {
+/// Loads `path`, checks it, and reads the GPUs it needs: everything [`build`] takes. The
+/// inventory is queried only when some replica needs a GPU, so CPU/simulated deployments plan on
+/// machines without a driver.
+pub fn load(
+    path: &Path,
+    inventory: &dyn GpuInventory,
+) -> Result<(LoadedSpec, Vec<GpuInfo>), PlanError> {
     let loaded = spec::load(path)?;
     check(&loaded)?;
     let gpus = if gpus_needed(&loaded.spec) > 0 || loaded.spec.gpus.is_some() {
@@ -66,5 +60,11 @@ pub fn plan_file(path: &Path, inventory: &dyn GpuInventory) -> Result<Plan, Plan
         tracing::debug!("no replica needs a GPU; inventory not queried");
         Vec::new()
     };
+    Ok((loaded, gpus))
+}
+
+/// Loads `path`, checks it, and builds its plan (see [`load`]).
+pub fn plan_file(path: &Path, inventory: &dyn GpuInventory) -> Result<Plan, PlanError> {
+    let (loaded, gpus) = load(path, inventory)?;
     build(&loaded, &gpus)
 }

@@ -1,14 +1,12 @@
 //! What `up` shows: a pull progress bar, one line per instance state change, and the banner
 //! with the endpoint and a curl example once every instance is ready.
 
-use std::collections::BTreeMap;
 use std::io::IsTerminal;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
-use super::api::{Control, StatusReport};
+use crate::daemon::progress::{Observer, PullWatcher};
+use crate::daemon::StatusReport;
 use crate::reconcile::InstanceStatus;
 use crate::runtime::PullProgress;
 
@@ -16,10 +14,10 @@ pub struct Ui {
     mp: MultiProgress,
 }
 
-pub struct PullBar(ProgressBar);
+struct PullBar(ProgressBar);
 
-impl PullBar {
-    pub fn update(&self, p: &PullProgress) {
+impl PullWatcher for PullBar {
+    fn update(&self, p: &PullProgress) {
         if p.total > 0 {
             self.0.set_length(p.total);
             self.0.set_position(p.current);
@@ -27,7 +25,7 @@ impl PullBar {
         self.0.set_message(p.status.clone());
     }
 
-    pub fn finish(&self) {
+    fn finish(&self) {
         self.0.finish_and_clear();
     }
 }
@@ -45,7 +43,7 @@ impl Ui {
         }
     }
 
-    pub fn line(&self, s: &str) {
+    fn line(&self, s: &str) {
         // Above the bars when they are drawn; plain stderr otherwise.
         if self.mp.is_hidden() {
             eprintln!("{s}");
@@ -53,8 +51,10 @@ impl Ui {
             let _ = self.mp.println(s);
         }
     }
+}
 
-    pub fn pull_bar(&self, image: &str) -> PullBar {
+impl Observer for Ui {
+    fn pulling(&self, image: &str) -> Box<dyn PullWatcher> {
         let bar = self.mp.add(ProgressBar::new(0));
         bar.set_style(
             ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {msg}")
@@ -62,45 +62,30 @@ impl Ui {
                 .progress_chars("=> "),
         );
         bar.set_prefix(format!("image {image}"));
-        PullBar(bar)
+        Box::new(PullBar(bar))
     }
 
-    /// Prints state changes until `stop`; the banner the first time everything is ready.
-    pub async fn follow(
-        &self,
-        ctl: &dyn Control,
-        mut status: watch::Receiver<Vec<InstanceStatus>>,
-        stop: &CancellationToken,
-    ) {
-        let mut last: BTreeMap<String, (String, u32)> = BTreeMap::new();
-        let mut announced = false;
-        loop {
-            for row in status.borrow_and_update().iter() {
-                let now = (row.state.clone(), row.restarts);
-                if last.get(&row.instance) != Some(&now) {
-                    let mut msg = format!("{}: {}", row.instance, row.state);
-                    if row.restarts > 0 {
-                        msg.push_str(&format!(" (restarts {}", row.restarts));
-                        if let Some(e) = &row.last_exit {
-                            msg.push_str(&format!(", last: {e}"));
-                        }
-                        msg.push(')');
-                    }
-                    self.line(&msg);
-                    last.insert(row.instance.clone(), now);
-                }
+    fn instance_changed(&self, row: &InstanceStatus) {
+        let mut msg = format!("{}: {}", row.instance, row.state);
+        if row.restarts > 0 {
+            msg.push_str(&format!(" (restarts {}", row.restarts));
+            if let Some(e) = &row.last_exit {
+                msg.push_str(&format!(", last: {e}"));
             }
-            let report = ctl.status();
-            if report.all_ready() && !announced {
-                announced = true;
-                // The banner is the command's result: stdout, above any bars.
-                self.mp.suspend(|| println!("{}", banner(&report)));
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                changed = status.changed() => if changed.is_err() { return },
-            }
+            msg.push(')');
         }
+        self.line(&msg);
+    }
+
+    fn ready(&self, report: &StatusReport) {
+        // The banner is the command's result: stdout, above any bars.
+        self.mp.suspend(|| println!("{}", banner(report)));
+    }
+
+    fn down(&self, project: &str, stopped: usize) {
+        self.line(&format!(
+            "{project}: down ({stopped} engines stopped and removed)"
+        ));
     }
 }
 
