@@ -213,12 +213,13 @@ fn docker_containers_and_exported_pods_are_equivalent() {
             let pod_argv: Vec<String> =
                 [main.command.clone().unwrap(), main.args.clone().unwrap()].concat();
             assert_eq!(
-                docker_argv, instance.argv,
+                docker_argv,
+                instance.argv(),
                 "{what}: docker argv is the plan's"
             );
             assert_eq!(
                 pod_argv,
-                with_port(&instance.argv, pod::pod_port(instance.role)),
+                with_port(&instance.argv(), pod::pod_port(instance.role)),
                 "{what}: argv"
             );
 

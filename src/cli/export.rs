@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use super::exit::{CliError, CliResult};
 use super::gpus::GpuArg;
 use super::FileArg;
-use crate::gpu::{FixedInventory, GpuInventory};
+use crate::plan::PlanError;
 
 use crate::export::{render, Kind, Options, Sidecar};
 
@@ -37,11 +37,15 @@ pub struct ExportArgs {
 
 pub fn run(args: ExportArgs) -> CliResult {
     // A cluster schedules GPUs itself: placement on this host only matters to compose.
-    let inventory: Result<Box<dyn GpuInventory>, _> = match (args.kind, &args.gpu.gpus) {
-        (Kind::Compose, _) | (_, Some(_)) => args.gpu.inventory(),
-        _ => FixedInventory::parse("64").map(|i| Box::new(i) as Box<dyn GpuInventory>),
+    let plan = match args.kind {
+        Kind::Compose => args
+            .gpu
+            .inventory()
+            .map_err(PlanError::Gpu)
+            .and_then(|inventory| crate::plan::plan_file(&args.file.file, inventory.as_ref())),
+        Kind::Kserve | Kind::K8s => crate::plan::plan_file_for_cluster(&args.file.file),
     };
-    let plan = crate::plan::plan_file(&args.file.file, inventory?.as_ref())?;
+    let plan = plan?;
     let pdctl_image = args
         .pdctl_image
         .unwrap_or_else(crate::export::pod::pdctl_image);

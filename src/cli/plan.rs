@@ -112,7 +112,7 @@ pub fn render(plan: &Plan) -> String {
                 i.shm_size.clone()
             },
             format!("{}/{}", ns(i.ipc_mode), ns(i.pid_mode)),
-            shell_words(&i.argv),
+            shell_words(&i.argv()),
         ]);
     }
     out.push_str(&t.trim_fmt());

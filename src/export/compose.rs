@@ -95,13 +95,15 @@ pub fn render(plan: &Plan, opts: &Options) -> Result<Compose, ExportError> {
     };
     let mut services = BTreeMap::new();
     for instance in &plan.instances {
+        let argv = instance.argv();
         let host_ipc = instance.ipc_mode == NamespaceMode::Host;
         let service = ComposeService {
             image: literal(instance.image.as_ref().unwrap_or(&image)),
-            entrypoint: literals(&instance.argv[..1]),
-            command: literals(&instance.argv[1..]),
+            entrypoint: literals(&argv[..1]),
+            command: literals(&argv[1..]),
+            // The containers' bindings, as under `pdctl up` with Docker (GPUs by device_ids).
             environment: instance
-                .env
+                .env()
                 .iter()
                 .map(|e| literal(&format!("{}={}", e.name, e.value)))
                 .collect(),
@@ -188,11 +190,11 @@ mod tests {
     fn plan_with(args: &[&str], env: (&str, &str)) -> Plan {
         let mut prefill = instance("t", Role::Prefill, 0, "h");
         let decode = instance("t", Role::Decode, 0, "h");
-        prefill.argv.extend(args.iter().map(|a| a.to_string()));
-        prefill.env.push(EnvVar {
-            name: env.0.into(),
-            value: env.1.into(),
-        });
+        prefill
+            .engine
+            .args
+            .extend(args.iter().map(|a| a.to_string()));
+        prefill.engine.env.push(EnvVar::new(env.0, env.1));
         Plan {
             schema_version: crate::plan::PLAN_SCHEMA_VERSION,
             project: "t".into(),

@@ -108,7 +108,11 @@ pub fn pool_pod(plan: &Plan, instance: &Instance, opts: &Options) -> PodSpec {
         )]
     });
     PodSpec {
-        containers: vec![pod::engine_container(plan, instance)],
+        containers: vec![pod::engine_container(
+            plan,
+            instance,
+            &instance.engine.model,
+        )],
         init_containers,
         volumes: Some(vec![dshm, model]),
         termination_grace_period_seconds: Some(i64::from(instance.stop_grace_seconds)),

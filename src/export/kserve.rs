@@ -95,19 +95,14 @@ fn replicas(plan: &Plan, role: Role) -> i32 {
 
 fn parallelism(instance: &Instance) -> Parallelism {
     Parallelism {
-        tensor: instance.gpus.len().max(1) as i32,
+        tensor: instance.gpu_count.max(1) as i32,
     }
 }
 
 /// The engine container for KServe: the model lives at /mnt/models (where KServe's storage
 /// initializer puts `model.uri`), so the model argument points there.
 fn kserve_pod(plan: &Plan, instance: &Instance, opts: &Options) -> PodSpec {
-    let mut main = pod::engine_container(plan, instance);
-    if let Some(args) = main.args.as_mut() {
-        if args.first().map(String::as_str) == Some("serve") && args.len() > 1 {
-            args[1] = crate::plan::instance::MODEL_MOUNT.to_string();
-        }
-    }
+    let mut main = pod::engine_container(plan, instance, crate::plan::instance::MODEL_MOUNT);
     // KServe's storage initializer provides /mnt/models; only shm is ours to declare.
     let (dshm, dshm_mount) = pod::dshm_volume(instance);
     main.volume_mounts = Some(vec![dshm_mount]);

@@ -60,32 +60,3 @@ pub fn render(kind: Kind, plan: &Plan, opts: &Options) -> Result<String, ExportE
     }
     Ok(out)
 }
-
-#[cfg(test)]
-pub(crate) mod tests {
-    /// A decode instance as `pdctl plan -o json` prints it, for unit tests of the renderers.
-    pub fn instance_json() -> serde_json::Value {
-        serde_json::json!({
-            "name": "pdctl-t-decode-0", "role": "decode", "index": 0,
-            "gpus": [{"index": 1, "uuid": "GPU-1"}], "http_port": 8200, "side_channel_port": 5700,
-            "image": "img", "argv": ["vllm", "serve", "m", "--port", "8200"],
-            "env": [{"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "value": "127.0.0.1"},
-                    {"name": "FLAG", "value": "y"}],
-            "mounts": [], "shm_size": "2Gi", "shm_size_bytes": 2147483648u64,
-            "ipc_mode": "host", "pid_mode": "host",
-            "probes": {
-                "startup": {"path": "/health", "port": 8200, "initial_delay_seconds": 0,
-                            "period_seconds": 10, "timeout_seconds": 1, "failure_threshold": 60,
-                            "success_threshold": 1},
-                "readiness": {"path": "/health", "port": 8200, "initial_delay_seconds": 0,
-                              "period_seconds": 1, "timeout_seconds": 1, "failure_threshold": 2,
-                              "success_threshold": 1},
-                "liveness": {"path": "/health", "port": 8200, "initial_delay_seconds": 0,
-                             "period_seconds": 10, "timeout_seconds": 1, "failure_threshold": 10,
-                             "success_threshold": 1}},
-            "labels": {"llm-d.ai/role": "decode", "pdctl.index": "0"},
-            "restart_policy": "always", "stop_signal": "SIGTERM", "stop_grace_seconds": 60,
-            "spec_hash": "abc"
-        })
-    }
-}

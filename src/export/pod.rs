@@ -1,7 +1,8 @@
-//! From a plan `Instance` to Kubernetes container and pod pieces. Everything comes from the
-//! plan; the one deliberate difference is the engine port: in a pod every replica has the
-//! network to itself, so the engine listens on KServe's fixed ports instead of the host's
-//! per-replica ports (prefill 8000; decode 8001 behind the routing sidecar on 8000).
+//! From a plan `Instance` to Kubernetes container and pod pieces. The engine (command, model,
+//! args, env) comes from the plan as it is; the pod adds its own bindings instead of the host's:
+//! every replica has the network to itself, so the engine listens on KServe's fixed ports
+//! (prefill 8000; decode 8001 behind the routing sidecar on 8000), its side channel is
+//! announced on the pod's IP, and GPUs are a resource count for the scheduler.
 
 use std::collections::BTreeMap;
 
@@ -14,7 +15,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::plan::{Instance, ModelSource, Plan, Role};
+use crate::plan::{
+    Instance, ModelSource, Plan, Role, NIXL_SIDE_CHANNEL_HOST, NIXL_SIDE_CHANNEL_PORT,
+};
 
 pub const PREFILL_PORT: u16 = 8000;
 pub const DECODE_ENGINE_PORT: u16 = 8001;
@@ -29,52 +32,41 @@ pub fn pod_port(role: Role) -> u16 {
     }
 }
 
-/// The plan's argv with the `--port` value replaced by the pod's port.
-pub fn argv_for_pod(instance: &Instance) -> Vec<String> {
-    let port = pod_port(instance.role).to_string();
-    let mut argv = instance.argv.clone();
-    let mut i = 0;
-    while i < argv.len() {
-        if argv[i] == "--port" && i + 1 < argv.len() {
-            argv[i + 1] = port.clone();
-            i += 1;
-        } else if argv[i].starts_with("--port=") {
-            argv[i] = format!("--port={port}");
-        }
-        i += 1;
-    }
-    argv
-}
-
-/// The plan's env, with the side-channel host taken from the pod's IP (a decode on another
-/// node must reach it) instead of the host's loopback.
+/// The engine's env in a pod: the side channel announced on the pod's IP (a decode on another
+/// node must reach it) at the planned port, then the engine's own env.
 pub fn env_for_pod(instance: &Instance) -> Vec<EnvVar> {
-    instance
-        .env
-        .iter()
-        .filter(|e| !e.name.starts_with("CUDA_"))
-        .map(|e| {
-            if e.name == "VLLM_NIXL_SIDE_CHANNEL_HOST" {
-                EnvVar {
-                    name: e.name.clone(),
-                    value_from: Some(EnvVarSource {
-                        field_ref: Some(ObjectFieldSelector {
-                            field_path: "status.podIP".into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
+    let value = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..Default::default()
+    };
+    let mut env = vec![
+        EnvVar {
+            name: NIXL_SIDE_CHANNEL_HOST.into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.podIP".into(),
                     ..Default::default()
-                }
-            } else {
-                EnvVar {
-                    name: e.name.clone(),
-                    value: Some(e.value.clone()),
-                    ..Default::default()
-                }
-            }
-        })
-        .collect()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        value(
+            NIXL_SIDE_CHANNEL_PORT,
+            instance.side_channel_port.to_string(),
+        ),
+    ];
+    let bound = [NIXL_SIDE_CHANNEL_HOST, NIXL_SIDE_CHANNEL_PORT];
+    env.extend(
+        instance
+            .engine
+            .env
+            .iter()
+            .filter(|e| !bound.contains(&e.name.as_str()))
+            .map(|e| value(&e.name, e.value.clone())),
+    );
+    env
 }
 
 fn probe(p: &crate::plan::Probe, port: u16) -> Probe {
@@ -182,10 +174,11 @@ pub fn dshm_volume(instance: &Instance) -> (Volume, VolumeMount) {
     )
 }
 
-/// The engine container (`main`, as KServe names it) of an instance's pod.
-pub fn engine_container(plan: &Plan, instance: &Instance) -> Container {
+/// The engine container (`main`, as KServe names it) of an instance's pod, serving `model`
+/// (where the pod finds the model may differ from the host: KServe's storage initializer).
+pub fn engine_container(plan: &Plan, instance: &Instance, model: &str) -> Container {
     let port = pod_port(instance.role);
-    let argv = argv_for_pod(instance);
+    let argv = instance.engine.argv(model, port);
     let (_, model_mount) = model_volume(plan);
     let (_, dshm_mount) = dshm_volume(instance);
     Container {
@@ -201,7 +194,7 @@ pub fn engine_container(plan: &Plan, instance: &Instance) -> Container {
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
-        resources: gpu_resources(instance.gpus.len()),
+        resources: gpu_resources(instance.gpu_count as usize),
         startup_probe: Some(probe(&instance.probes.startup, port)),
         readiness_probe: Some(probe(&instance.probes.readiness, port)),
         liveness_probe: Some(probe(&instance.probes.liveness, port)),
@@ -316,17 +309,53 @@ pub fn sidecar_container(sidecar: &Sidecar, ssrf_args: Vec<String>) -> Container
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::testing::instance;
+
+    fn plan(instances: Vec<Instance>) -> Plan {
+        Plan {
+            schema_version: crate::plan::PLAN_SCHEMA_VERSION,
+            project: "t".into(),
+            source: "t.toml".into(),
+            model: crate::plan::ModelPlan {
+                served_name: "m".into(),
+                source: ModelSource::HuggingFace {
+                    id: "m".into(),
+                    cache_dir: "/cache".into(),
+                },
+            },
+            runtime: crate::plan::RuntimePlan::Process {
+                command: vec!["vllm".into()],
+            },
+            proxy: Default::default(),
+            instances,
+        }
+    }
 
     #[test]
-    fn port_is_remapped_in_both_spellings() {
-        let mut i: Instance =
-            serde_json::from_value(crate::export::tests::instance_json()).unwrap();
-        i.argv = ["vllm", "serve", "m", "--port", "8201", "--x", "--port=8201"]
-            .map(String::from)
-            .to_vec();
+    fn the_pod_binds_its_own_port_side_channel_host_and_gpu_count() {
+        let mut i = instance("t", Role::Decode, 1, "h");
+        i.engine.args = ["--x", "1"].map(String::from).to_vec();
+        i.engine.env = vec![crate::plan::EnvVar::new("CUDA_LAUNCH_BLOCKING", "1")];
+        i.gpu_count = 2;
+        let main = engine_container(&plan(vec![i.clone()]), &i, "/mnt/models");
+        assert_eq!(main.command.unwrap(), ["vllm"]);
         assert_eq!(
-            argv_for_pod(&i),
-            ["vllm", "serve", "m", "--port", "8001", "--x", "--port=8001"]
+            main.args.unwrap(),
+            ["serve", "/mnt/models", "--port", "8001", "--x", "1"]
         );
+        let env = main.env.unwrap();
+        let names: Vec<&str> = env.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                NIXL_SIDE_CHANNEL_HOST,
+                NIXL_SIDE_CHANNEL_PORT,
+                "CUDA_LAUNCH_BLOCKING"
+            ]
+        );
+        assert!(env[0].value_from.is_some());
+        assert_eq!(env[1].value.as_deref(), Some("5701"));
+        let gpus = &main.resources.unwrap().limits.unwrap()[GPU_RESOURCE];
+        assert_eq!(gpus.0, "2", "no host GPUs needed: the count is the plan's");
     }
 }

@@ -51,9 +51,24 @@ fn invalid(diags: Vec<Diagnostic>) -> Result<(), PlanError> {
 /// The plan for `l` on `gpus` (the host's inventory; empty is fine when nothing needs a GPU).
 pub fn build(l: &LoadedSpec, gpus: &[GpuInfo]) -> Result<Plan, PlanError> {
     check(l)?;
-    let spec = &l.spec;
     let usable = usable_gpus(l, gpus)?;
     let assignments = place(l, &usable)?;
+    assemble(l, assignments)
+}
+
+/// The plan without host placement, for a cluster that schedules GPUs itself: every instance
+/// has its `gpu_count` and no `gpus`; no inventory is read and `[gpus] devices` does not apply.
+pub fn build_for_cluster(l: &LoadedSpec) -> Result<Plan, PlanError> {
+    check(l)?;
+    let assignments = requests(&l.spec)
+        .into_iter()
+        .map(|r| (r.role, r.index, Vec::new()))
+        .collect();
+    assemble(l, assignments)
+}
+
+fn assemble(l: &LoadedSpec, assignments: Assigned) -> Result<Plan, PlanError> {
+    let spec = &l.spec;
     let model = model_plan(l)?;
     let runtime = runtime_plan(spec);
     let mut instances = Vec::new();
@@ -112,10 +127,10 @@ fn usable_gpus(l: &LoadedSpec, gpus: &[GpuInfo]) -> Result<Vec<GpuInfo>, PlanErr
 
 type Assigned = Vec<(Role, u32, Vec<GpuAssignment>)>;
 
-fn place(l: &LoadedSpec, gpus: &[GpuInfo]) -> Result<Assigned, PlanError> {
-    let spec = &l.spec;
+/// Every replica, prefill first, each role by index.
+fn requests(spec: &Spec) -> Vec<Request> {
     let mut reqs = Vec::new();
-    for role in [Role::Prefill, Role::Decode] {
+    for role in Role::ALL {
         let p = spec.pool(role);
         for index in 0..p.replicas {
             reqs.push(Request {
@@ -125,6 +140,12 @@ fn place(l: &LoadedSpec, gpus: &[GpuInfo]) -> Result<Assigned, PlanError> {
             });
         }
     }
+    reqs
+}
+
+fn place(l: &LoadedSpec, gpus: &[GpuInfo]) -> Result<Assigned, PlanError> {
+    let spec = &l.spec;
+    let reqs = requests(spec);
     let placed = placement::place(&reqs, gpus).map_err(|s| {
         let (p, d) = (&spec.prefill, &spec.decode);
         let blame = if p.replicas * p.gpus_per_replica > s.have {
@@ -240,11 +261,12 @@ mod tests {
         build(&l, &inv).unwrap()
     }
 
-    fn env<'a>(i: &'a Instance, name: &str) -> Option<&'a str> {
-        i.env
-            .iter()
+    /// The env on this host (the plan's host bindings and the engine's own).
+    fn env(i: &Instance, name: &str) -> Option<String> {
+        i.env()
+            .into_iter()
             .find(|e| e.name == name)
-            .map(|e| e.value.as_str())
+            .map(|e| e.value)
     }
 
     const DOCKER: &str = "[model]\npath = \"models/llama\"\n";
@@ -259,7 +281,7 @@ mod tests {
             "http://127.0.0.1:8200"
         );
         assert_eq!(p.instances_of(Role::Decode).count(), 1);
-        assert_eq!(&i.argv[..3], ["vllm", "serve", MODEL_MOUNT]);
+        assert_eq!(&i.argv()[..3], ["vllm", "serve", MODEL_MOUNT]);
         assert_eq!(i.mounts[0].source, Path::new("/etc/pdctl/models/llama"));
         assert!(i.mounts[0].read_only);
         assert_eq!(p.model.served_name, "llama");
@@ -268,6 +290,10 @@ mod tests {
             (NamespaceMode::Host, NamespaceMode::Host)
         );
         assert_eq!(env(i, "CUDA_VISIBLE_DEVICES"), None);
+        assert_eq!(
+            env(i, "VLLM_NIXL_SIDE_CHANNEL_PORT").as_deref(),
+            Some("5600")
+        );
         assert_eq!(i.labels["llm-d.ai/role"], "prefill");
         assert_eq!(i.labels["pdctl.spec-hash"], i.spec_hash);
         assert_eq!(i.spec_hash.len(), 16);
@@ -278,12 +304,14 @@ mod tests {
         let src = "[model]\nhf = \"a/b\"\ncache_dir = \"/cache\"\n[runtime]\nkind = \"process\"\ncommand = [\"/venv/bin/vllm\"]\n[decode]\ngpus_per_replica = 2\n";
         let p = plan(src, "3");
         let d = &p.instances[1];
-        assert_eq!(d.argv[..3], ["/venv/bin/vllm", "serve", "a/b"]);
-        assert_eq!(env(d, "CUDA_VISIBLE_DEVICES"), Some("1,2"));
-        assert_eq!(env(d, "CUDA_DEVICE_ORDER"), Some("PCI_BUS_ID"));
-        assert_eq!(env(d, "HF_HOME"), Some("/cache"));
+        assert_eq!(d.argv()[..3], ["/venv/bin/vllm", "serve", "a/b"]);
+        // The process runtime pins these GPUs through CUDA_VISIBLE_DEVICES (see its tests).
+        let indices = |i: &Instance| i.gpus.iter().map(|g| g.index).collect::<Vec<_>>();
+        assert_eq!(indices(d), [1, 2]);
+        assert_eq!(d.gpu_count, 2);
+        assert_eq!(env(d, "HF_HOME").as_deref(), Some("/cache"));
         assert!(d.mounts.is_empty());
-        assert_eq!(env(&p.instances[0], "CUDA_VISIBLE_DEVICES"), Some("0"));
+        assert_eq!(indices(&p.instances[0]), [0]);
     }
 
     #[test]
@@ -293,7 +321,7 @@ mod tests {
         );
         let p = plan(&src, "2");
         let i = &p.instances[0];
-        let names: Vec<&str> = i.env.iter().map(|e| e.name.as_str()).collect();
+        let names: Vec<String> = i.env().into_iter().map(|e| e.name).collect();
         assert_eq!(
             names,
             [
@@ -303,16 +331,16 @@ mod tests {
                 "EXTRA"
             ]
         );
-        assert_eq!(env(i, "UCX_TLS"), Some("all"));
+        assert_eq!(env(i, "UCX_TLS").as_deref(), Some("all"));
         assert_eq!(
-            i.argv
+            i.argv()
                 .iter()
                 .filter(|a| *a == "--kv-transfer-config")
                 .count(),
             1
         );
         assert!(i
-            .argv
+            .argv()
             .ends_with(&["--kv-transfer-config".into(), "{}".into()]));
     }
 
@@ -322,10 +350,42 @@ mod tests {
             format!("{DOCKER}[prefill]\ngpus_per_replica = 0\n[decode]\ngpus_per_replica = 0\n");
         let i = &plan(&src, "1").instances[0];
         assert_eq!(i.ipc_mode, NamespaceMode::Private);
-        assert_eq!(env(i, "UCX_TLS"), Some("tcp"));
+        assert_eq!(env(i, "UCX_TLS").as_deref(), Some("tcp"));
         assert!(i
-            .argv
+            .argv()
             .ends_with(&["--tensor-parallel-size".into(), "1".into()]));
+    }
+
+    #[test]
+    fn a_cluster_plan_needs_no_gpus_and_matches_the_host_plan_but_for_placement() {
+        let src = format!("{DOCKER}[decode]\ngpus_per_replica = 2\n[gpus]\ndevices = [7]\n");
+        let l = crate::spec::parse(Path::new("/etc/pdctl/t.toml"), src).unwrap();
+        let cluster = build_for_cluster(&l).unwrap();
+        let d = &cluster.instances[1];
+        assert!(d.gpus.is_empty());
+        assert_eq!(d.gpu_count, 2);
+        assert_eq!(env(d, "UCX_TLS").as_deref(), Some("cuda_ipc,cuda_copy,tcp"));
+        let inv = FixedInventory::parse("8").unwrap().gpus().unwrap();
+        let l = crate::spec::parse(
+            Path::new("/etc/pdctl/t.toml"),
+            format!("{DOCKER}[decode]\ngpus_per_replica = 2\n"),
+        )
+        .unwrap();
+        let host = build(&l, &inv).unwrap();
+        for (c, h) in cluster.instances.iter().zip(&host.instances) {
+            assert_eq!(c.engine, h.engine);
+            assert_eq!((c.ipc_mode, c.gpu_count), (h.ipc_mode, h.gpus.len() as u32));
+        }
+    }
+
+    #[test]
+    fn the_engine_is_separate_from_the_host_bindings() {
+        let p = plan(DOCKER, "2");
+        let i = &p.instances[0];
+        assert_eq!(i.engine.model, MODEL_MOUNT);
+        assert!(!i.engine.args.iter().any(|a| a.contains("8100")));
+        assert!(!i.engine.env.iter().any(|e| e.name.starts_with("VLLM_NIXL")));
+        assert_eq!(i.argv()[3..5], ["--port", "8100"]);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::model::*;
@@ -29,7 +30,7 @@ pub fn full_instance_name(project: &str, given: &str) -> String {
     }
 }
 
-/// Everything one replica needs; `gpus` come from placement.
+/// Everything one replica needs; `gpus` come from placement (empty when not placed on a host).
 pub(super) fn instance(
     l: &LoadedSpec,
     model: &ModelPlan,
@@ -42,9 +43,10 @@ pub(super) fn instance(
     let pool = spec.pool(role);
     let (http_port, side_channel_port) = ports::ports(spec, role, index);
     let docker = matches!(runtime, RuntimePlan::Docker { .. });
+    let gpu_count = pool.gpus_per_replica;
     // UCX's CUDA IPC between containers needs the host IPC and PID namespaces; processes
     // already share them.
-    let ns = if !docker || !gpus.is_empty() {
+    let ns = if !docker || gpu_count > 0 {
         NamespaceMode::Host
     } else {
         NamespaceMode::Private
@@ -54,16 +56,16 @@ pub(super) fn instance(
         name: instance_name(&l.project, role, index),
         role,
         index,
+        gpus,
+        gpu_count,
         http_port,
         side_channel_port,
         image: match runtime {
             RuntimePlan::Docker { image, .. } => Some(image.clone()),
             RuntimePlan::Process { .. } => None,
         },
-        argv: argv(spec, pool, model, runtime, http_port),
-        env: env(spec, pool, model, docker, side_channel_port, &gpus),
+        engine: engine(spec, pool, model, runtime),
         mounts: mounts(model, docker),
-        gpus,
         shm_size: pool.shm_size.clone(),
         // Validated by spec::load.
         shm_size_bytes: quantity::parse_bytes(&pool.shm_size).unwrap_or(0),
@@ -85,14 +87,8 @@ pub(super) fn instance(
     inst
 }
 
-fn argv(
-    spec: &Spec,
-    pool: &PoolSection,
-    model: &ModelPlan,
-    runtime: &RuntimePlan,
-    http_port: u16,
-) -> Vec<String> {
-    let (mut argv, model_arg) = match (runtime, &model.source) {
+fn engine(spec: &Spec, pool: &PoolSection, model: &ModelPlan, runtime: &RuntimePlan) -> Engine {
+    let (command, model_arg) = match (runtime, &model.source) {
         (RuntimePlan::Process { command }, ModelSource::Path { host_path }) => {
             (command.clone(), host_path.display().to_string())
         }
@@ -110,64 +106,53 @@ fn argv(
             },
         ),
     };
-    argv.extend(["serve".into(), model_arg]);
-    argv.extend(["--port".into(), http_port.to_string()]);
-    argv.extend(["--served-model-name".into(), model.served_name.clone()]);
+    let mut args = vec!["--served-model-name".into(), model.served_name.clone()];
     // A user's own --kv-transfer-config replaces ours, as KServe's template does.
     if !pool
         .args
         .iter()
         .any(|a| a.split('=').next() == Some("--kv-transfer-config"))
     {
-        argv.extend(["--kv-transfer-config".into(), KV_TRANSFER_CONFIG.into()]);
+        args.extend(["--kv-transfer-config".into(), KV_TRANSFER_CONFIG.into()]);
     }
     let tp = pool.gpus_per_replica.max(1);
-    argv.extend(["--tensor-parallel-size".into(), tp.to_string()]);
-    argv.extend(pool.args.iter().cloned());
-    argv
+    args.extend(["--tensor-parallel-size".into(), tp.to_string()]);
+    args.extend(pool.args.iter().cloned());
+    Engine {
+        command,
+        model: model_arg,
+        args,
+        env: env(
+            spec,
+            pool,
+            model,
+            matches!(runtime, RuntimePlan::Docker { .. }),
+        ),
+    }
 }
 
-fn env(
-    spec: &Spec,
-    pool: &PoolSection,
-    model: &ModelPlan,
-    docker: bool,
-    side_channel_port: u16,
-    gpus: &[GpuAssignment],
-) -> Vec<EnvVar> {
-    let mut env: Vec<EnvVar> = Vec::new();
-    let mut set = |name: &str, value: String| match env.iter_mut().find(|e| e.name == name) {
-        Some(e) => e.value = value,
-        None => env.push(EnvVar {
-            name: name.into(),
-            value,
-        }),
-    };
-    set("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1".into());
-    set("VLLM_NIXL_SIDE_CHANNEL_PORT", side_channel_port.to_string());
-    let ucx = if gpus.is_empty() {
+/// The engine's own env; the host's bindings (side channel, GPU pinning) are added by whoever
+/// runs it.
+fn env(spec: &Spec, pool: &PoolSection, model: &ModelPlan, docker: bool) -> Vec<EnvVar> {
+    let ucx = if pool.gpus_per_replica == 0 {
         "tcp"
     } else {
         "cuda_ipc,cuda_copy,tcp"
     };
-    set("UCX_TLS", ucx.into());
+    let mut env = vec![EnvVar::new("UCX_TLS", ucx)];
     match (&model.source, docker) {
-        (ModelSource::HuggingFace { .. }, true) => set("HF_HOME", HF_CACHE_MOUNT.into()),
+        (ModelSource::HuggingFace { .. }, true) => env.push(EnvVar::new("HF_HOME", HF_CACHE_MOUNT)),
         (ModelSource::HuggingFace { cache_dir, .. }, false) if spec.model.cache_dir.is_some() => {
-            set("HF_HOME", cache_dir.display().to_string())
+            env.push(EnvVar::new("HF_HOME", cache_dir.display().to_string()))
         }
         _ => {}
     }
-    if !docker {
-        // NVML indices are PCI bus order; CUDA's default order is "fastest first".
-        set("CUDA_DEVICE_ORDER", "PCI_BUS_ID".into());
-        let ids: Vec<String> = gpus.iter().map(|g| g.index.to_string()).collect();
-        set("CUDA_VISIBLE_DEVICES", ids.join(","));
-    }
-    for (k, v) in &pool.env {
-        set(k, v.clone());
-    }
-    env
+    let pool_env: Vec<EnvVar> = pool
+        .env
+        .iter()
+        .map(|(k, v)| EnvVar::new(k, v.clone()))
+        .collect();
+    merge_env(env, &pool_env)
 }
 
 fn mounts(model: &ModelPlan, docker: bool) -> Vec<Mount> {
@@ -200,14 +185,57 @@ fn probe(pool: &PoolSection, kind: ProbeKind, port: u16) -> Probe {
     }
 }
 
-/// sha256 over the instance with labels and hash blanked, first 16 hex digits. Labels are
-/// left out because they carry the hash and the pdctl version, neither of which changes
-/// what runs.
+/// sha256 over what runs on this host, first 16 hex digits. Labels are left out because they
+/// carry the hash and the pdctl version, neither of which changes what runs. The hashed form
+/// keeps the layout of plan schema 1 (full argv and env), so that a pdctl whose plan JSON
+/// changed shape adopts the engines it started before instead of replacing them.
 pub fn spec_hash(inst: &Instance) -> String {
-    let mut bare = inst.clone();
-    bare.labels.clear();
-    bare.spec_hash.clear();
-    let json = serde_json::to_vec(&bare).expect("plan types serialise");
+    #[derive(Serialize)]
+    struct Run<'a> {
+        name: &'a str,
+        role: Role,
+        index: u32,
+        gpus: &'a [GpuAssignment],
+        http_port: u16,
+        side_channel_port: u16,
+        image: &'a Option<String>,
+        argv: Vec<String>,
+        env: Vec<EnvVar>,
+        mounts: &'a [Mount],
+        shm_size: &'a str,
+        shm_size_bytes: u64,
+        ipc_mode: NamespaceMode,
+        pid_mode: NamespaceMode,
+        probes: &'a Probes,
+        labels: BTreeMap<String, String>,
+        restart_policy: RestartPolicy,
+        stop_signal: &'a str,
+        stop_grace_seconds: u32,
+        spec_hash: &'a str,
+    }
+    let run = Run {
+        name: &inst.name,
+        role: inst.role,
+        index: inst.index,
+        gpus: &inst.gpus,
+        http_port: inst.http_port,
+        side_channel_port: inst.side_channel_port,
+        image: &inst.image,
+        argv: inst.argv(),
+        env: inst.env(),
+        mounts: &inst.mounts,
+        shm_size: &inst.shm_size,
+        shm_size_bytes: inst.shm_size_bytes,
+        ipc_mode: inst.ipc_mode,
+        pid_mode: inst.pid_mode,
+        probes: &inst.probes,
+        labels: BTreeMap::new(),
+        restart_policy: inst.restart_policy,
+        stop_signal: &inst.stop_signal,
+        stop_grace_seconds: inst.stop_grace_seconds,
+        spec_hash: "",
+    };
+    let json = serde_json::to_vec(&run).expect("plan types serialise");
     let digest = Sha256::digest(&json);
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }

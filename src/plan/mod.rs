@@ -1,7 +1,8 @@
 //! Placement of replicas on GPUs, ports, and the per-instance spec every runtime consumes.
 //!
 //! Entry points: [`plan_file`] (read, check, query the inventory only if needed, build),
-//! or [`build`] on an already loaded spec and GPU list.
+//! or [`build`] on an already loaded spec and GPU list; [`plan_file_for_cluster`] and
+//! [`build_for_cluster`] for a plan without host placement (Kubernetes exports).
 
 use std::path::Path;
 
@@ -14,7 +15,7 @@ pub mod ports;
 #[cfg(test)]
 pub mod testing;
 
-pub use build::{build, check, gpus_needed, runtime_plan};
+pub use build::{build, build_for_cluster, check, gpus_needed, runtime_plan};
 pub use instance::{full_instance_name, instance_name, labels, spec_hash, KV_TRANSFER_CONFIG};
 pub use model::*;
 
@@ -67,4 +68,11 @@ pub fn load(
 pub fn plan_file(path: &Path, inventory: &dyn GpuInventory) -> Result<Plan, PlanError> {
     let (loaded, gpus) = load(path, inventory)?;
     build(&loaded, &gpus)
+}
+
+/// Loads `path`, checks it, and builds its plan for a cluster: no host placement, so no
+/// GPU inventory (see [`build_for_cluster`]).
+pub fn plan_file_for_cluster(path: &Path) -> Result<Plan, PlanError> {
+    let loaded = spec::load(path)?;
+    build_for_cluster(&loaded)
 }

@@ -10,8 +10,13 @@ use serde::{Deserialize, Serialize};
 use crate::spec::proxy::ProxySection;
 pub use crate::spec::vocab::{PullPolicy, RestartPolicy, Role};
 
-/// Bumped only on an incompatible change of the JSON shape.
-pub const PLAN_SCHEMA_VERSION: u32 = 1;
+/// Bumped only on an incompatible change of the JSON shape. 2: an instance's engine (command,
+/// model, args, env) is separate from its host bindings; `argv`/`env` are gone, `gpu_count` new.
+pub const PLAN_SCHEMA_VERSION: u32 = 2;
+
+/// vLLM's NIXL side channel: where peers reach an engine to pull its KV blocks.
+pub const NIXL_SIDE_CHANNEL_HOST: &str = "VLLM_NIXL_SIDE_CHANNEL_HOST";
+pub const NIXL_SIDE_CHANNEL_PORT: &str = "VLLM_NIXL_SIDE_CHANNEL_PORT";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
@@ -64,30 +69,34 @@ pub enum RuntimePlan {
     },
     Process {
         /// The engine program and its leading arguments (e.g. `["pdctl", "sim"]` or a venv's
-        /// `vllm`); each instance's `argv` already starts with it.
+        /// `vllm`); each instance's `engine.command` is it.
         command: Vec<String>,
     },
 }
 
 /// One engine replica: everything a runtime needs to start it and a prober needs to watch it.
+///
+/// What the engine runs is in `engine`, the same wherever it runs. Where it runs is in the host
+/// bindings `gpus`, `http_port` and `side_channel_port`: Docker and local processes bind them
+/// on this host ([`Instance::argv`], [`Instance::env`]), a Kubernetes pod binds its own.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
     /// `pdctl-<project>-<role>-<index>`: container name, process name, K8s-safe.
     pub name: String,
     pub role: Role,
     pub index: u32,
-    /// Empty for CPU/simulated engines (`gpus_per_replica = 0`).
+    /// Host binding: the host's GPUs placement gave this replica. Empty for CPU/simulated
+    /// engines, and in a plan built without host placement (for a cluster).
     pub gpus: Vec<GpuAssignment>,
-    /// The port the engine's OpenAI server listens on (vLLM `--port`).
+    /// How many GPUs the replica needs (`gpus_per_replica`); `gpus` has as many once placed.
+    pub gpu_count: u32,
+    /// Host binding: the port the engine's OpenAI server listens on here (vLLM `--port`).
     pub http_port: u16,
-    /// `VLLM_NIXL_SIDE_CHANNEL_PORT`: where peers pull this engine's KV blocks from.
+    /// Host binding: `VLLM_NIXL_SIDE_CHANNEL_PORT` here.
     pub side_channel_port: u16,
     /// Docker runtime only.
     pub image: Option<String>,
-    /// Full argv, argv[0] included (`vllm serve /mnt/models --port ...`).
-    pub argv: Vec<String>,
-    /// Ordered; names are unique.
-    pub env: Vec<EnvVar>,
+    pub engine: Engine,
     pub mounts: Vec<Mount>,
     /// `/dev/shm` size as written (Kubernetes quantity) and in bytes.
     pub shm_size: String,
@@ -106,6 +115,24 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// The argv on this host: the engine serving its model on `http_port`.
+    pub fn argv(&self) -> Vec<String> {
+        self.engine.argv(&self.engine.model, self.http_port)
+    }
+
+    /// The env bindings of a run on this host: the NIXL side channel on loopback.
+    pub fn host_env(&self) -> Vec<EnvVar> {
+        vec![
+            EnvVar::new(NIXL_SIDE_CHANNEL_HOST, "127.0.0.1"),
+            EnvVar::new(NIXL_SIDE_CHANNEL_PORT, self.side_channel_port.to_string()),
+        ]
+    }
+
+    /// The env on this host: [`Instance::host_env`], then the engine's own.
+    pub fn env(&self) -> Vec<EnvVar> {
+        merge_env(self.host_env(), &self.engine.env)
+    }
+
     /// The `/dev/shm` size to give the instance: only with a private IPC namespace, because
     /// with the host's the host's `/dev/shm` is used (Docker takes one mechanism only).
     pub fn private_shm_bytes(&self) -> Option<u64> {
@@ -118,6 +145,48 @@ impl Instance {
     }
 }
 
+/// What an engine runs, wherever it runs: `COMMAND serve MODEL --port PORT ARGS` with `env`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Engine {
+    /// The program and its leading arguments (`["vllm"]`, `["pdctl", "sim"]`). Process runtime:
+    /// a leading `pdctl` means the running pdctl executable.
+    pub command: Vec<String>,
+    /// What `serve` loads: the model's mount point (Docker), its host path (processes) or a
+    /// Hugging Face id.
+    pub model: String,
+    /// Everything after `--port PORT`: served name, KV connector, TP size, the pool's `args`.
+    pub args: Vec<String>,
+    /// The engine's own environment (UCX transports, HF cache, the pool's `env`): ordered,
+    /// names unique.
+    pub env: Vec<EnvVar>,
+}
+
+impl Engine {
+    /// The argv serving `model` on `port`, argv[0] included.
+    pub fn argv(&self, model: &str, port: u16) -> Vec<String> {
+        let mut argv = self.command.clone();
+        argv.extend([
+            "serve".into(),
+            model.into(),
+            "--port".into(),
+            port.to_string(),
+        ]);
+        argv.extend(self.args.iter().cloned());
+        argv
+    }
+}
+
+/// `bindings`, then `env`; a name in both keeps the binding's place and takes `env`'s value.
+pub fn merge_env(mut bindings: Vec<EnvVar>, env: &[EnvVar]) -> Vec<EnvVar> {
+    for e in env {
+        match bindings.iter_mut().find(|b| b.name == e.name) {
+            Some(b) => b.value = e.value.clone(),
+            None => bindings.push(e.clone()),
+        }
+    }
+    bindings
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuAssignment {
     pub index: u32,
@@ -128,6 +197,15 @@ pub struct GpuAssignment {
 pub struct EnvVar {
     pub name: String,
     pub value: String,
+}
+
+impl EnvVar {
+    pub fn new(name: &str, value: impl Into<String>) -> Self {
+        EnvVar {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

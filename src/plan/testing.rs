@@ -28,10 +28,13 @@ pub fn instance(project: &str, role: Role, index: u32, hash: &str) -> Instance {
         http_port: port,
         side_channel_port: port - 2500,
         image: Some("pdctl-sim:dev".into()),
-        argv: ["vllm", "serve", "m", "--port", &port.to_string()]
-            .map(String::from)
-            .to_vec(),
-        env: vec![],
+        gpu_count: 0,
+        engine: Engine {
+            command: vec!["vllm".into()],
+            model: "m".into(),
+            args: vec![],
+            env: vec![],
+        },
         mounts: vec![],
         shm_size: "1Gi".into(),
         shm_size_bytes: 1 << 30,

@@ -56,12 +56,13 @@ pub fn container_body(inst: &Instance, image: &str, network_mode: &str) -> Conta
             })
             .collect::<HashMap<_, _>>()
     });
+    let argv = inst.argv();
     ContainerCreateBody {
         image: Some(inst.image.clone().unwrap_or_else(|| image.to_string())),
-        entrypoint: inst.argv.first().map(|a| vec![a.clone()]),
-        cmd: Some(inst.argv.iter().skip(1).cloned().collect()),
+        entrypoint: argv.first().map(|a| vec![a.clone()]),
+        cmd: Some(argv.iter().skip(1).cloned().collect()),
         env: Some(
-            inst.env
+            inst.env()
                 .iter()
                 .map(|e| format!("{}={}", e.name, e.value))
                 .collect(),
@@ -180,14 +181,18 @@ mod tests {
     #[test]
     fn cpu_container_gets_private_shm_of_planned_size_and_loopback_ports() {
         let mut inst = instance("p", Role::Decode, 1, "h1");
-        inst.env = vec![EnvVar {
-            name: "A".into(),
-            value: "b=c".into(),
-        }];
+        inst.engine.env = vec![EnvVar::new("A", "b=c")];
         let body = container_body(&inst, "img", "bridge");
         assert_eq!(body.entrypoint, Some(vec!["vllm".to_string()]));
         assert_eq!(body.cmd.as_ref().unwrap()[0], "serve");
-        assert_eq!(body.env, Some(vec!["A=b=c".to_string()]));
+        assert_eq!(
+            body.env,
+            Some(vec![
+                "VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1".to_string(),
+                format!("VLLM_NIXL_SIDE_CHANNEL_PORT={}", inst.side_channel_port),
+                "A=b=c".to_string()
+            ])
+        );
         assert_eq!(
             body.labels
                 .as_ref()

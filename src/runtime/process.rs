@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::{ExitInfo, Observed, Progress, RunState, Runtime, RuntimeError, RuntimeEvent};
-use crate::plan::{label, Instance};
+use crate::plan::{label, merge_env, EnvVar, Instance};
 
 /// What the state directory remembers about one instance.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -125,6 +125,20 @@ fn signal_number(name: &str) -> i32 {
     }
 }
 
+/// The env of a process on this host: the plan's host bindings and the process runtime's own,
+/// GPU pinning by `CUDA_VISIBLE_DEVICES` (empty without GPUs: a CPU engine sees none), then the
+/// engine's env.
+pub fn env(inst: &Instance) -> Vec<EnvVar> {
+    let ids: Vec<String> = inst.gpus.iter().map(|g| g.index.to_string()).collect();
+    let mut bindings = inst.host_env();
+    bindings.extend([
+        // NVML indices are PCI bus order; CUDA's default order is "fastest first".
+        EnvVar::new("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
+        EnvVar::new("CUDA_VISIBLE_DEVICES", ids.join(",")),
+    ]);
+    merge_env(bindings, &inst.engine.env)
+}
+
 /// argv[0] `pdctl` means this very executable (the plan writes `["pdctl", "sim", ...]`).
 fn program(argv0: &str) -> PathBuf {
     if argv0 == "pdctl" {
@@ -146,7 +160,7 @@ impl Runtime for ProcessRuntime {
         _progress: Progress<'a>,
     ) -> BoxFuture<'a, Result<(), RuntimeError>> {
         async move {
-            if inst.argv.is_empty() {
+            if inst.engine.command.is_empty() {
                 return Err(RuntimeError::EmptyArgv {
                     name: inst.name.clone(),
                 });
@@ -182,8 +196,8 @@ impl Runtime for ProcessRuntime {
             if self.read(&name).is_some_and(|r| Self::alive(&r)) {
                 return Ok(());
             }
-            let (argv0, args) = inst
-                .argv
+            let argv = inst.argv();
+            let (argv0, args) = argv
                 .split_first()
                 .ok_or(RuntimeError::EmptyArgv { name: name.clone() })?;
             let log = std::fs::OpenOptions::new()
@@ -193,17 +207,13 @@ impl Runtime for ProcessRuntime {
                 .map_err(io("open the log of"))?;
             let mut cmd = tokio::process::Command::new(program(argv0));
             cmd.args(args)
-                .envs(inst.env.iter().map(|e| (&e.name, &e.value)))
+                .envs(env(inst).iter().map(|e| (&e.name, &e.value)))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().map_err(io("open the log of"))?)
                 .stderr(log)
                 // Its own group: Ctrl-C at the terminal reaches only the daemon, which stops
                 // engines gracefully, and a SIGKILLed daemon leaves them running for adoption.
                 .process_group(0);
-            if !inst.gpus.is_empty() && !inst.env.iter().any(|e| e.name == "CUDA_VISIBLE_DEVICES") {
-                let ids: Vec<String> = inst.gpus.iter().map(|g| g.index.to_string()).collect();
-                cmd.env("CUDA_VISIBLE_DEVICES", ids.join(","));
-            }
             let mut child = cmd.spawn().map_err(io("start"))?;
             let pid = child.id().unwrap_or_default();
             let rec = Record {
@@ -456,7 +466,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rt = ProcessRuntime::new(dir.path()).unwrap();
         let mut inst = crate::plan::testing::instance("t", crate::plan::Role::Decode, 0, "h");
-        inst.argv = ["sh", "-c", "echo hello; sleep 30 & sleep 30"]
+        inst.engine.command = ["sh", "-c", "echo hello; sleep 30 & sleep 30"]
             .map(String::from)
             .to_vec();
         rt.create(&inst).await.unwrap();
@@ -481,6 +491,40 @@ mod tests {
         assert!(rt.list("t").await.unwrap().is_empty());
     }
 
+    #[test]
+    fn processes_pin_their_gpus_in_pci_bus_order() {
+        let mut inst = crate::plan::testing::instance("t", crate::plan::Role::Decode, 0, "h");
+        inst.gpus = [1, 2]
+            .map(|index| crate::plan::GpuAssignment {
+                index,
+                uuid: format!("GPU-{index}"),
+            })
+            .to_vec();
+        inst.engine.env = vec![EnvVar::new("CUDA_DEVICE_ORDER", "FASTEST_FIRST")];
+        let env = env(&inst);
+        let get = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .map(|e| e.value.as_str())
+        };
+        assert_eq!(get("CUDA_VISIBLE_DEVICES"), Some("1,2"));
+        assert_eq!(
+            get("CUDA_DEVICE_ORDER"),
+            Some("FASTEST_FIRST"),
+            "the pool's env wins"
+        );
+        assert_eq!(get("VLLM_NIXL_SIDE_CHANNEL_PORT"), Some("5700"));
+        inst.gpus.clear();
+        assert_eq!(
+            super::env(&inst)
+                .iter()
+                .find(|e| e.name == "CUDA_VISIBLE_DEVICES")
+                .map(|e| e.value.as_str()),
+            Some(""),
+            "a CPU engine sees no GPU"
+        );
+    }
+
     #[tokio::test]
     async fn stop_sends_the_instances_stop_signal() {
         let dir = tempfile::tempdir().unwrap();
@@ -490,7 +534,7 @@ mod tests {
         // The engine says which signal ended it.
         let script = "trap 'echo got INT; exit 0' INT; trap 'echo got TERM; exit 0' TERM; \
                       echo up; while :; do sleep 0.05; done";
-        inst.argv = ["sh", "-c", script].map(String::from).to_vec();
+        inst.engine.command = ["sh", "-c", script].map(String::from).to_vec();
         rt.create(&inst).await.unwrap();
         rt.start(&inst).await.unwrap();
         while !String::from_utf8_lossy(&std::fs::read(rt.log_path(&inst.name)).unwrap_or_default())
