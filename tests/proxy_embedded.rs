@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use support::embedded::{endpoint, Embedded};
 use support::engine::{prefill_answer, Fake, Reply, Role};
 use support::eventually;
-use support::http::{get, post, request, wait_status};
+use support::http::{get, post, read_partly, request, wait_status};
 
 fn fast() -> ProxySection {
     ProxySection {
@@ -507,25 +507,10 @@ fn client_disconnect_cancels_decode_stream() {
     let (p, d) = pair();
     let px = Embedded::start(fast(), &[&p.url], &[&d.url]);
     d.push(Reply::Endless);
-    let mut s = TcpStream::connect(("127.0.0.1", px.port)).unwrap();
-    let body = json!({"model":"m","prompt":"p","stream":true}).to_string();
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let mut got = 0;
-    while got < 200 {
-        let n = s.read(&mut buf[got..]).unwrap();
-        assert!(n > 0, "closed early");
-        got += n;
-    }
-    assert!(String::from_utf8_lossy(&buf[..got]).starts_with("HTTP/1.1 200"));
+    let body = json!({"model":"m","prompt":"p","stream":true});
+    let client = read_partly(px.port, "/v1/completions", &body, 200);
     assert!(!d.was_aborted());
-    drop(s);
+    drop(client);
     eventually("the upstream stream is cancelled", || d.was_aborted());
     let m = get(px.port, "/metrics").body;
     assert!(m.contains("pdctl_proxy_client_disconnects_total 1"), "{m}");

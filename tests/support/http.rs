@@ -195,6 +195,17 @@ pub fn wait_status(port: u16, path: &str, status: u16) {
 /// Sends a POST and hangs up after `read_bytes` bytes of the response arrived, or, with 0, a
 /// moment after sending (once the server is surely working on it).
 pub fn hang_up_after(port: u16, path: &str, body: &serde_json::Value, read_bytes: usize) {
+    drop(read_partly(port, path, body, read_bytes));
+}
+
+/// Sends a POST and returns once `read_bytes` bytes of a 200 response arrived (or, with 0, a
+/// moment after sending); the client hangs up when the test drops the returned connection.
+pub fn read_partly(
+    port: u16,
+    path: &str,
+    body: &serde_json::Value,
+    read_bytes: usize,
+) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -225,4 +236,5 @@ pub fn hang_up_after(port: u16, path: &str, body: &serde_json::Value, read_bytes
             String::from_utf8_lossy(&got)
         );
     }
+    stream
 }
