@@ -15,7 +15,8 @@
 //! | input | [`spec`] | pools.toml, its validation and the shared vocabulary |
 //!
 //! [`proxy`] (P/D routing) and [`sim`] (an engine simulator) stand beside the stack: they use
-//! only `spec`, neither imports the other, and neither imports `runtime`.
+//! only `spec`, neither imports the other, and neither imports `runtime`. `docs/architecture.md`
+//! explains the map; `tests/layering.rs` checks it against the source.
 
 pub mod cli;
 pub mod daemon;

@@ -553,9 +553,11 @@ fn engine_closing_idle_connections_fails_no_request() {
     let engine_url = format!("http://{}", engine.local_addr().unwrap());
     let served = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&served);
+    let (closed_tx, closed) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for mut conn in engine.incoming().flatten() {
             let counter = Arc::clone(&counter);
+            let closed_tx = closed_tx.clone();
             std::thread::spawn(move || {
                 if !read_request(&mut conn, &mut Vec::new()) {
                     return;
@@ -571,6 +573,8 @@ fn engine_closing_idle_connections_fails_no_request() {
                 // Closed a moment later without `connection: close`, once the proxy has pooled
                 // the connection: it learns of it only from the socket.
                 std::thread::sleep(Duration::from_millis(1));
+                drop(conn);
+                let _ = closed_tx.send(());
             });
         }
     });
@@ -578,6 +582,11 @@ fn engine_closing_idle_connections_fails_no_request() {
     for i in 0..30 {
         let a = get(px.port, "/v1/models");
         assert_eq!(a.status, 200, "request {i}: {}", a.body);
+        // The next request goes out only once the engine has closed this one's connection: a
+        // request written before the close is lost on a loaded machine (and rightly a 502).
+        closed
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the engine closes each connection");
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(served.load(Ordering::SeqCst), 30);

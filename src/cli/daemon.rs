@@ -7,15 +7,14 @@ use std::path::{Path, PathBuf};
 
 use comfy_table::{presets, Table};
 use futures_util::StreamExt;
-use http::Method;
 
 use super::exit::{CliError, CliResult};
 use super::gpus::GpuArg;
 use super::progress::{self, Ui};
 use super::{FileArg, OutputFormat};
-use crate::daemon::api::{self, ClientError, StatusReport};
+use crate::daemon::api::{self, StatusReport};
 use crate::daemon::down::Down;
-use crate::daemon::{self, detach, Deployment, Scale, StateDir, Up};
+use crate::daemon::{self, detach, ClientError, Deployment, Scale, StateDir, Up};
 use crate::plan;
 use crate::spec::{self, LoadedSpec};
 
@@ -202,7 +201,7 @@ pub fn status(args: StatusArgs) -> CliResult {
     let l = spec::load(&args.file.file)?;
     let state = StateDir::for_project(&l.project);
     let report: StatusReport = tokio_rt()
-        .block_on(api::call(&state.socket(), Method::GET, "/v1/status", None))
+        .block_on(api::status(&state.socket()))
         .map_err(|e| not_running(e, || format!("{} is not running", l.project)))?;
     match args.output {
         OutputFormat::Json => println!(
@@ -288,14 +287,8 @@ pub fn scale(args: ScaleArgs) -> CliResult {
     let l = spec::load(&args.file.file)?;
     let want = parse_scale(&args.replicas).map_err(CliError::invalid)?;
     let state = StateDir::for_project(&l.project);
-    let body = serde_json::to_vec(&want).expect("scale serialises");
-    let r: StatusReport = tokio_rt()
-        .block_on(api::call(
-            &state.socket(),
-            Method::POST,
-            "/v1/scale",
-            Some(body),
-        ))
+    let r = tokio_rt()
+        .block_on(api::scale(&state.socket(), want))
         .map_err(|e| {
             not_running(e, || {
                 format!(

@@ -5,15 +5,34 @@ use std::path::PathBuf;
 use super::exit::{CliError, CliResult};
 use super::gpus::GpuArg;
 use super::FileArg;
-use crate::plan::PlanError;
-
 use crate::export::{render, Kind, Options, Sidecar};
+
+/// What to render (clap's names and help for [`Kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KindArg {
+    /// KServe LLMInferenceService (+ LLMInferenceServiceConfig with --with-configs).
+    Kserve,
+    /// Plain Deployments and Services, with `pdctl proxy` as the router.
+    K8s,
+    /// A Compose file equivalent to the local Docker run.
+    Compose,
+}
+
+impl From<KindArg> for Kind {
+    fn from(k: KindArg) -> Self {
+        match k {
+            KindArg::Kserve => Kind::Kserve,
+            KindArg::K8s => Kind::K8s,
+            KindArg::Compose => Kind::Compose,
+        }
+    }
+}
 
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
     /// What to render.
     #[arg(value_enum)]
-    pub kind: Kind,
+    pub kind: KindArg,
     #[command(flatten)]
     pub file: FileArg,
     /// Write `<project>-<kind>.yaml` into this directory instead of printing to stdout.
@@ -37,15 +56,11 @@ pub struct ExportArgs {
 
 pub fn run(args: ExportArgs) -> CliResult {
     // A cluster schedules GPUs itself: placement on this host only matters to compose.
-    let plan = match args.kind {
-        Kind::Compose => args
-            .gpu
-            .inventory()
-            .map_err(PlanError::Gpu)
-            .and_then(|inventory| crate::plan::plan_file(&args.file.file, inventory.as_ref())),
-        Kind::Kserve | Kind::K8s => crate::plan::plan_file_for_cluster(&args.file.file),
+    let kind = Kind::from(args.kind);
+    let plan = match kind {
+        Kind::Compose => crate::plan::plan_file(&args.file.file, args.gpu.inventory()?.as_ref())?,
+        Kind::Kserve | Kind::K8s => crate::plan::plan_file_for_cluster(&args.file.file)?,
     };
-    let plan = plan?;
     let pdctl_image = args
         .pdctl_image
         .unwrap_or_else(crate::export::pod::pdctl_image);
@@ -59,11 +74,11 @@ pub fn run(args: ExportArgs) -> CliResult {
         sidecar,
         pdctl_image,
     };
-    let text = render(args.kind, &plan, &opts)?;
+    let text = render(kind, &plan, &opts)?;
     match args.output {
         None => print!("{text}"),
         Some(dir) => {
-            let kind = format!("{:?}", args.kind).to_lowercase();
+            let kind = format!("{kind:?}").to_lowercase();
             let path = dir.join(format!("{}-{kind}.yaml", plan.project));
             std::fs::create_dir_all(&dir)
                 .and_then(|()| std::fs::write(&path, &text))

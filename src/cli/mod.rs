@@ -105,7 +105,10 @@ pub fn main() -> ExitCode {
     let invoked_as = argv.next().unwrap_or_default();
     if std::path::Path::new(&invoked_as).file_name() == Some(std::ffi::OsStr::new("vllm")) {
         init_logging(LogFormat::Text);
-        return crate::sim::run(&argv.collect::<Vec<_>>());
+        return match sim(&argv.collect::<Vec<_>>()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => e.report(),
+        };
     }
     let mut args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("sidecar") {
@@ -123,7 +126,7 @@ pub fn main() -> ExitCode {
         Command::Status(a) => daemon::status(a),
         Command::Logs(a) => daemon::logs(a),
         Command::Scale(a) => daemon::scale(a),
-        Command::Sim { args } => return crate::sim::run(&args),
+        Command::Sim { args } => sim(&args),
         Command::Proxy(a) => proxy::run_proxy(a),
         Command::Export(a) => export::run(a),
         Command::Sidecar(a) => proxy::run_sidecar(a),
@@ -131,5 +134,19 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => e.report(),
+    }
+}
+
+/// `pdctl sim`, or pdctl invoked as `vllm`: bad arguments show the usage as well.
+fn sim(args: &[String]) -> exit::CliResult {
+    use crate::sim::args::{ArgsError, USAGE};
+    use crate::sim::SimError;
+    match crate::sim::run(args) {
+        Err(SimError::Args(ArgsError::Help)) => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Err(SimError::Args(e)) => Err(exit::CliError::invalid(format!("{e}\n\n{USAGE}"))),
+        result => result.map_err(exit::CliError::failure),
     }
 }

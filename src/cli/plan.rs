@@ -94,8 +94,8 @@ pub fn render(plan: &Plan) -> String {
     let mut shared_shm = false;
     for i in &plan.instances {
         let gpus: Vec<String> = i.gpus.iter().map(|g| g.index.to_string()).collect();
-        let host_ipc = i.ipc_mode == NamespaceMode::Host;
-        shared_shm |= host_ipc;
+        let host_shm = i.private_shm_bytes().is_none();
+        shared_shm |= host_shm;
         t.add_row([
             i.name.clone(),
             i.role.to_string(),
@@ -106,7 +106,7 @@ pub fn render(plan: &Plan) -> String {
             },
             i.http_port.to_string(),
             i.side_channel_port.to_string(),
-            if host_ipc {
+            if host_shm {
                 "host*".into()
             } else {
                 i.shm_size.clone()

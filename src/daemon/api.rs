@@ -20,7 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use super::state::Scale;
-use super::DaemonError;
+use super::{ClientError, DaemonError};
 use crate::reconcile::InstanceStatus;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,25 +130,26 @@ pub async fn serve(listener: UnixListener, ctl: Arc<dyn Control>, shutdown: Canc
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Nobody listens: the daemon is not running.
-    #[error("cannot connect to {path}: {source}")]
-    NotRunning {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("control API request failed: {0}")]
-    Http(#[from] hyper::Error),
-    #[error("{0}")]
-    Refused(String),
-    #[error("unexpected answer from the daemon: {0}")]
-    Decode(#[from] serde_json::Error),
+/// The daemon's status report (`GET /v1/status`).
+pub async fn status(socket: &Path) -> Result<StatusReport, ClientError> {
+    call(socket, Method::GET, "/v1/status", None).await
+}
+
+/// Asks the daemon to re-plan with these replica counts (`POST /v1/scale`).
+pub async fn scale(socket: &Path, want: Scale) -> Result<StatusReport, ClientError> {
+    let body = serde_json::to_vec(&want).expect("scale serialises");
+    call(socket, Method::POST, "/v1/scale", Some(body)).await
+}
+
+/// Asks the daemon to go down (`POST /v1/down`); it answers before it has finished.
+pub async fn down(socket: &Path) -> Result<(), ClientError> {
+    call::<serde_json::Value>(socket, Method::POST, "/v1/down", None)
+        .await
+        .map(drop)
 }
 
 /// One request to the daemon of the project whose socket is `path`.
-pub async fn call<T: serde::de::DeserializeOwned>(
+async fn call<T: serde::de::DeserializeOwned>(
     path: &Path,
     method: Method,
     uri: &str,

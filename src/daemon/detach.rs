@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use http::Method;
-
 use super::api::{self, StatusReport};
 use super::{DaemonError, StateDir};
 
@@ -42,10 +40,6 @@ pub fn spawn(exe: &Path, args: &[OsString], state: &StateDir) -> Result<Detached
 }
 
 impl Detached {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     pub fn log(&self) -> &Path {
         &self.log
     }
@@ -63,8 +57,7 @@ impl Detached {
                 let log = std::fs::read_to_string(&self.log).unwrap_or_default();
                 return Err(DaemonError::StartupExit { status, log });
             }
-            if let Ok(r) = api::call::<StatusReport>(&socket, Method::GET, "/v1/status", None).await
-            {
+            if let Ok(r) = api::status(&socket).await {
                 progress(&r);
                 if r.all_ready() {
                     return Ok(r);

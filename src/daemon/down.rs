@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use http::Method;
-
-use super::api::{self, ClientError};
-use super::{connect_runtime, stop_all, DaemonError, StateDir};
+use super::api;
+use super::{connect_runtime, stop_all, ClientError, DaemonError, StateDir};
 use crate::plan;
 use crate::spec::LoadedSpec;
 
@@ -28,9 +26,7 @@ pub async fn down(
     state: &StateDir,
     stopping: impl FnOnce(),
 ) -> Result<Down, DaemonError> {
-    let asked =
-        api::call::<serde_json::Value>(&state.socket(), Method::POST, "/v1/down", None).await;
-    match asked {
+    match api::down(&state.socket()).await {
         Ok(_) => {
             stopping();
             // The daemon releases the lock as its very last step.

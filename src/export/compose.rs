@@ -195,25 +195,14 @@ mod tests {
             .args
             .extend(args.iter().map(|a| a.to_string()));
         prefill.engine.env.push(EnvVar::new(env.0, env.1));
-        Plan {
-            schema_version: crate::plan::PLAN_SCHEMA_VERSION,
-            project: "t".into(),
-            source: "t.toml".into(),
-            model: crate::plan::ModelPlan {
-                served_name: "m".into(),
-                source: crate::plan::ModelSource::HuggingFace {
-                    id: "m".into(),
-                    cache_dir: "/cache".into(),
-                },
-            },
-            runtime: RuntimePlan::Docker {
+        crate::plan::testing::plan(
+            RuntimePlan::Docker {
                 image: "img".into(),
                 pull_policy: crate::plan::PullPolicy::Never,
                 network_mode: "host".into(),
             },
-            proxy: Default::default(),
-            instances: vec![prefill, decode],
-        }
+            vec![prefill, decode],
+        )
     }
 
     #[test]

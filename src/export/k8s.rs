@@ -144,24 +144,16 @@ pub fn policy_args(plan: &Plan) -> Vec<String> {
         format!("--pd-threshold={}", p.pd_threshold_tokens),
         format!("--prefill-failure={}", kebab(&p.prefill_failure)),
         format!("--prefill-max-retries={}", p.prefill_max_retries),
-        format!(
-            "--prefill-retry-backoff={}",
-            humantime::format_duration(p.prefill_retry_backoff)
-        ),
-        format!(
-            "--connect-timeout={}",
-            humantime::format_duration(p.connect_timeout)
-        ),
-        format!(
-            "--prefill-timeout={}",
-            humantime::format_duration(p.prefill_timeout)
-        ),
-        format!(
-            "--decode-first-byte-timeout={}",
-            humantime::format_duration(p.decode_first_byte_timeout)
-        ),
+        duration_flag("--prefill-retry-backoff", p.prefill_retry_backoff),
+        duration_flag("--connect-timeout", p.connect_timeout),
+        duration_flag("--prefill-timeout", p.prefill_timeout),
+        duration_flag("--decode-first-byte-timeout", p.decode_first_byte_timeout),
         format!("--max-body-bytes={}", p.max_body_bytes),
     ]
+}
+
+fn duration_flag(flag: &str, value: std::time::Duration) -> String {
+    format!("{flag}={}", humantime::format_duration(value))
 }
 
 /// The kebab-case name serde gives a policy enum (as pools.toml spells it).

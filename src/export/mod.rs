@@ -14,7 +14,7 @@ use crate::plan::{Plan, Role};
 
 pub use pod::Sidecar;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// KServe LLMInferenceService (+ LLMInferenceServiceConfig with --with-configs).
     Kserve,

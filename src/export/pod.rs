@@ -312,23 +312,12 @@ mod tests {
     use crate::plan::testing::instance;
 
     fn plan(instances: Vec<Instance>) -> Plan {
-        Plan {
-            schema_version: crate::plan::PLAN_SCHEMA_VERSION,
-            project: "t".into(),
-            source: "t.toml".into(),
-            model: crate::plan::ModelPlan {
-                served_name: "m".into(),
-                source: ModelSource::HuggingFace {
-                    id: "m".into(),
-                    cache_dir: "/cache".into(),
-                },
-            },
-            runtime: crate::plan::RuntimePlan::Process {
+        crate::plan::testing::plan(
+            crate::plan::RuntimePlan::Process {
                 command: vec!["vllm".into()],
             },
-            proxy: Default::default(),
             instances,
-        }
+        )
     }
 
     #[test]

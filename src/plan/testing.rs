@@ -55,3 +55,22 @@ pub fn instance(project: &str, role: Role, index: u32, hash: &str) -> Instance {
     inst.labels = labels(project, &inst);
     inst
 }
+
+/// A plan around hand-built instances: project `t`, a Hugging Face model `m`, default proxy.
+pub fn plan(runtime: RuntimePlan, instances: Vec<Instance>) -> Plan {
+    Plan {
+        schema_version: PLAN_SCHEMA_VERSION,
+        project: "t".into(),
+        source: "t.toml".into(),
+        model: ModelPlan {
+            served_name: "m".into(),
+            source: ModelSource::HuggingFace {
+                id: "m".into(),
+                cache_dir: "/cache".into(),
+            },
+        },
+        runtime,
+        proxy: Default::default(),
+        instances,
+    }
+}

@@ -9,8 +9,8 @@ use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
-use crate::plan::Role;
 use crate::spec::proxy::{PickPolicy, PrefillFailurePolicy};
+use crate::spec::Role;
 
 use super::json::Object;
 use super::metrics::PathTaken;

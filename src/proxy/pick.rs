@@ -7,8 +7,8 @@ use std::sync::{Arc, OnceLock};
 
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::plan::Role;
 use crate::spec::proxy::PickPolicy;
+use crate::spec::Role;
 
 use super::endpoints::{Endpoint, EndpointSet};
 use super::rewrite::fnv1a;

@@ -1,4 +1,5 @@
-//! The NIXL-v2 request shapes (protocol.md §5), as pure functions over the client's JSON body.
+//! The NIXL-v2 request shapes (the prefill and decode legs, see docs/proxy.md), as pure functions
+//! over the client's JSON body.
 //! Unknown fields are preserved in order and byte for byte: only the patched top-level fields
 //! are written anew (see `json.rs`).
 

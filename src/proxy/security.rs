@@ -2,6 +2,16 @@
 
 use std::collections::HashSet;
 
+use thiserror::Error;
+
+/// An allowlist entry that names no valid target.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("allowlist entry {entry:?}: bad port {port:?}")]
+pub struct AllowlistError {
+    pub entry: String,
+    pub port: String,
+}
+
 /// `host` entries allow any port; `host:port` entries allow exactly that port (llm-d checks hosts
 /// only — an open gap, llm-d/llm-d-router#979 — we check ports too).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -11,7 +21,9 @@ pub struct Allowlist {
 }
 
 impl Allowlist {
-    pub fn parse<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<Allowlist, String> {
+    pub fn parse<'a>(
+        entries: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Allowlist, AllowlistError> {
         let mut list = Allowlist::default();
         for raw in entries {
             let entry = raw.trim();
@@ -20,9 +32,10 @@ impl Allowlist {
             }
             match split_host_port(entry) {
                 (host, Some(port)) => {
-                    let port = port
-                        .parse()
-                        .map_err(|_| format!("allowlist entry {entry:?}: bad port {port:?}"))?;
+                    let port = port.parse().map_err(|_| AllowlistError {
+                        entry: entry.to_string(),
+                        port: port.to_string(),
+                    })?;
                     list.host_ports.insert((host.to_string(), port));
                 }
                 (host, None) => {
@@ -122,7 +135,10 @@ mod tests {
         ] {
             assert!(!list.allows(denied), "{denied}");
         }
-        assert!(Allowlist::parse(["h:notaport"]).is_err());
+        assert_eq!(
+            Allowlist::parse(["h:notaport"]).unwrap_err().to_string(),
+            r#"allowlist entry "h:notaport": bad port "notaport""#
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@ use http::StatusCode;
 use thiserror::Error;
 use tokio::sync::watch;
 
-use crate::plan::Role;
 use crate::spec::proxy::{PickPolicy, PrefillFailurePolicy, ProxySection};
+use crate::spec::Role;
 
 use super::endpoints::{Endpoint, EndpointSet};
 use super::metrics::{EndpointLabels, PathTaken, ProxyMetrics, RequestLabels};

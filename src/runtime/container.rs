@@ -101,15 +101,21 @@ mod tests {
     use crate::plan::testing::instance;
     use crate::plan::{EnvVar, GpuAssignment, Mount as PlanMount, Role};
 
-    /// A decode replica on GPU 1 sharing the host's IPC and PID namespaces.
-    fn gpu_instance() -> Instance {
-        let mut inst = instance("t", Role::Decode, 0, "h1");
+    /// A replica on one GPU sharing the host's IPC and PID namespaces.
+    fn on_gpu(project: &str, role: Role, gpu: u32, uuid: &str) -> Instance {
+        let mut inst = instance(project, role, 0, "h1");
         inst.gpus = vec![GpuAssignment {
-            index: 1,
-            uuid: "GPU-1".into(),
+            index: gpu,
+            uuid: uuid.into(),
         }];
         inst.ipc_mode = NamespaceMode::Host;
         inst.pid_mode = NamespaceMode::Host;
+        inst
+    }
+
+    /// A decode replica on GPU 1 with 2 GiB of shm planned.
+    fn gpu_instance() -> Instance {
+        let mut inst = on_gpu("t", Role::Decode, 1, "GPU-1");
         inst.shm_size_bytes = 2 << 30;
         inst
     }
@@ -146,13 +152,7 @@ mod tests {
 
     #[test]
     fn gpu_container_shares_host_ipc_and_pid_and_names_its_devices() {
-        let mut inst = instance("p", Role::Prefill, 0, "h1");
-        inst.gpus = vec![GpuAssignment {
-            index: 2,
-            uuid: "GPU-abc".into(),
-        }];
-        inst.ipc_mode = NamespaceMode::Host;
-        inst.pid_mode = NamespaceMode::Host;
+        let mut inst = on_gpu("p", Role::Prefill, 2, "GPU-abc");
         inst.mounts = vec![PlanMount {
             source: "/srv/m".into(),
             target: "/mnt/models".into(),

@@ -276,6 +276,13 @@ impl Runtime for ProcessRuntime {
                 // Its own group: Ctrl-C at the terminal reaches only the daemon, which stops
                 // engines gracefully, and a SIGKILLed daemon leaves them running for adoption.
                 .process_group(0);
+            // SAFETY: the closure only calls async-signal-safe functions between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    reset_signals();
+                    Ok(())
+                });
+            }
             let mut child = cmd.spawn().map_err(io("start"))?;
             let pid = child.id().unwrap_or_default();
             let rec = Record {
@@ -493,6 +500,27 @@ pub fn tail_lines(buf: &[u8], n: Option<usize>) -> &[u8] {
         &buf[buf.len()..]
     } else {
         buf
+    }
+}
+
+/// A daemon started from a script's `cmd &` ignores SIGINT and SIGQUIT, and an engine would
+/// inherit that and could never be stopped with its own stop signal: every engine starts with
+/// default signal handling and nothing blocked.
+fn reset_signals() {
+    // SAFETY: signal(2) and sigprocmask(2) are async-signal-safe; called between fork and exec.
+    unsafe {
+        for signal in [
+            libc::SIGINT,
+            libc::SIGQUIT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGPIPE,
+        ] {
+            libc::signal(signal, libc::SIG_DFL);
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
     }
 }
 

@@ -11,13 +11,18 @@ use hyper_util::rt::TokioIo;
 use thiserror::Error;
 use tokio::net::TcpListener;
 
-use super::args::SimConfig;
+use super::args::{ArgsError, SimConfig};
 use super::respond::{error, respond, Body};
 use super::state::Shared;
 use super::{completions, kv};
 
 #[derive(Debug, Error)]
 pub enum SimError {
+    /// Bad or unknown arguments, or `--help`: the caller shows `args::USAGE`.
+    #[error(transparent)]
+    Args(#[from] ArgsError),
+    #[error("cannot start the async runtime: {source}")]
+    Runtime { source: std::io::Error },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
