@@ -184,6 +184,32 @@ fn body_limit_and_api_key_flags_guard_the_proxy() {
     assert_eq!(p.count(), 1);
 }
 
+/// `pdctl proxy` serves only its routes plus `--passthrough-path`; the sidecar, like llm-d's,
+/// forwards every path to its pod's engine.
+#[test]
+fn passthrough_path_flag_and_sidecar_forwards_everything() {
+    let (p, d) = (Fake::start(Role::Prefill), Fake::start(Role::Decode));
+    let extra = ["--passthrough-path", "/score,/tokenize"];
+    let proxy = Proxy::start("proxy", &args(&[&p], &[&d], &extra));
+    assert_eq!(request(proxy.port, "POST", "/score", &[], "{}").status, 200);
+    assert_eq!(get(proxy.port, "/tokenize").status, 200);
+    assert_eq!(request(proxy.port, "PUT", "/score", &[], "{}").status, 405);
+    assert_eq!(request(proxy.port, "POST", "/sleep", &[], "{}").status, 404);
+    assert_eq!(d.count(), 2);
+
+    let port = support::ports::reserve(1);
+    let _sidecar = Child::spawn(pdctl().args([
+        "sidecar",
+        &format!("--port={port}"),
+        &format!("--vllm-port={}", d.port),
+        "--host=127.0.0.1",
+    ]));
+    support::http::wait_status(port, "/health", 200);
+    let reply = request(port, "POST", "/reset_prefix_cache", &[], "{}");
+    assert_eq!(reply.status, 200);
+    assert_eq!(d.count(), 3);
+}
+
 #[test]
 fn threshold_flag_skips_the_prefill_for_short_prompts() {
     let (p, d) = (Fake::start(Role::Prefill), Fake::start(Role::Decode));

@@ -206,8 +206,12 @@ fn streaming_usage_rewrite() {
 #[test]
 fn passthrough_and_header_stripping() {
     let (p, d) = pair();
-    let px = Embedded::start(fast(), &[&p.url], &[&d.url]);
-    for path in ["/v1/models", "/v1/chat/completions", "/score", "/healthz"] {
+    let sec = ProxySection {
+        passthrough_paths: vec!["/score".into(), "/healthz".into(), "/v1/embeddings".into()],
+        ..fast()
+    };
+    let px = Embedded::start(sec, &[&p.url], &[&d.url]);
+    for path in ["/v1/models", "/score", "/healthz", "/v1/models"] {
         let a = get(px.port, &format!("{path}?q=1"));
         assert_eq!(a.status, 200, "{path}");
         assert_eq!(a.header("x-pdctl-path"), Some("passthrough"));
@@ -266,6 +270,63 @@ fn passthrough_and_header_stripping() {
         .requests()
         .iter()
         .all(|s| s.header("x-prefiller-host-port").is_none()));
+}
+
+/// Only the inference routes, `/v1/models`, health, metrics and `passthrough_paths` are served:
+/// vLLM's admin endpoints are 404, a wrong method is 405 with `Allow`, and nothing refused
+/// reaches an engine. Headers the client names in `Connection` do not reach the engines.
+#[test]
+fn route_allowlist_and_connection_named_headers() {
+    let (p, d) = pair();
+    let px = Embedded::start(fast(), &[&p.url], &[&d.url]);
+    for path in [
+        "/reset_prefix_cache",
+        "/sleep",
+        "/collective_rpc",
+        "/v1/embeddings",
+        "/pdctl/other",
+        "/v1/completions/",
+        "/",
+    ] {
+        let a = request(px.port, "POST", path, &[], "{}");
+        assert_eq!(a.status, 404, "{path}");
+        assert_eq!(a.json()["error"]["code"], 404);
+    }
+    for (method, path, allow) in [
+        ("GET", CHAT, "POST"),
+        ("PUT", "/v1/completions", "POST"),
+        ("DELETE", "/v1/responses", "POST"),
+        ("OPTIONS", CHAT, "POST"),
+        ("TRACE", "/v1/models", "GET"),
+        ("POST", "/v1/models", "GET"),
+        ("POST", "/health", "GET"),
+        ("DELETE", "/metrics", "GET"),
+    ] {
+        let a = request(px.port, method, path, &[], "");
+        assert_eq!(a.status, 405, "{method} {path}");
+        assert_eq!(a.header("allow"), Some(allow), "{method} {path}");
+    }
+    assert_eq!(
+        (p.count(), d.count()),
+        (0, 0),
+        "nothing refused reached an engine"
+    );
+
+    let headers = [
+        ("connection", "keep-alive, X-Secret"),
+        ("x-secret", "s"),
+        ("x-kept", "k"),
+    ];
+    let a = request(px.port, "POST", CHAT, &headers, &hello().to_string());
+    assert_eq!(a.status, 200);
+    let a = request(px.port, "GET", "/v1/models", &headers, "");
+    assert_eq!(a.status, 200);
+    let legs = [p.requests(), d.requests()].concat();
+    assert_eq!(legs.len(), 3);
+    for leg in &legs {
+        assert!(leg.header("x-secret").is_none(), "{}", leg.path);
+        assert_eq!(leg.header("x-kept"), Some("k"), "{}", leg.path);
+    }
 }
 
 /// Retry on 502/503/504, each retry on another prefill, not on 500; the prefill's own error

@@ -95,6 +95,10 @@ pub struct ProxyArgs {
     pub prefill_dns: Vec<String>,
     #[arg(long, value_name = "NAME:PORT")]
     pub decode_dns: Vec<String>,
+    /// A path beyond the built-in routes to forward to a decode unchanged (repeatable, or
+    /// comma-separated; exact match, GET/HEAD/POST). Every other path is 404.
+    #[arg(long = "passthrough-path", value_name = "PATH", value_delimiter = ',')]
+    pub passthrough_paths: Vec<String>,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }
@@ -168,6 +172,7 @@ pub fn normalize_go_flags(args: impl IntoIterator<Item = String>) -> Vec<String>
 pub fn run_proxy(args: ProxyArgs) -> CliResult {
     let mut section = ProxySection {
         listen: args.listen.to_string(),
+        passthrough_paths: args.passthrough_paths,
         ..ProxySection::default()
     };
     args.policy.apply(&mut section);

@@ -28,6 +28,7 @@ pub fn error(status: StatusCode, message: &str) -> Response<Body> {
         401 => "AuthenticationError",
         403 => "PermissionDeniedError",
         404 => "NotFoundError",
+        405 => "MethodNotAllowed",
         502 => "BadGateway",
         503 => "ServiceUnavailable",
         504 => "GatewayTimeout",

@@ -32,6 +32,9 @@ pub async fn handle(
         (&Method::GET, "/metrics") if proxy.serves_metrics_at_root() => return metrics(&proxy),
         _ => {}
     }
+    if let Some(refused) = check_route(&proxy, req.method(), &path) {
+        return refused;
+    }
     if let Some(key) = &proxy.cfg.api_key {
         let given = req
             .headers()
@@ -69,6 +72,30 @@ pub async fn handle(
     };
     gone.disarm();
     response
+}
+
+/// 404 for a path the proxy does not serve, 405 (with `Allow`) for a method it does not take
+/// there: vLLM's admin endpoints (`/reset_prefix_cache`, `/sleep`, …) stay off the public port.
+fn check_route(proxy: &Proxy, method: &Method, path: &str) -> Option<Response<Body>> {
+    let Some(allowed) = proxy.allowed_methods(path) else {
+        proxy.count("route", StatusCode::NOT_FOUND, PathTaken::Local);
+        return Some(error(
+            StatusCode::NOT_FOUND,
+            &format!("no route for {path}"),
+        ));
+    };
+    if allowed.is_empty() || allowed.split(", ").any(|m| m == method.as_str()) {
+        return None;
+    }
+    proxy.count("route", StatusCode::METHOD_NOT_ALLOWED, PathTaken::Local);
+    let mut response = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("{method} is not allowed on {path} (allowed: {allowed})"),
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, http::HeaderValue::from_static(allowed));
+    Some(response)
 }
 
 struct ClientGone(Option<Arc<Proxy>>);

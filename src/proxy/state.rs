@@ -3,6 +3,7 @@
 //! (`Worker`). The front door's mode is chosen here once, at construction: the request path asks
 //! `Proxy` what to do and never matches on the mode itself.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -80,6 +81,8 @@ pub struct Proxy {
     pub metrics: ProxyMetrics,
     next_id: AtomicU64,
     id_seed: u64,
+    /// `[proxy] passthrough_paths`, hashed once so the route check stays O(1) per request.
+    passthrough_paths: HashSet<String>,
 }
 
 impl Proxy {
@@ -91,6 +94,7 @@ impl Proxy {
             ^ u64::from(std::process::id()) << 32;
         Arc::new(Proxy {
             client: upstream::client(cfg.section.connect_timeout),
+            passthrough_paths: cfg.section.passthrough_paths.iter().cloned().collect(),
             cfg,
             pools: RwLock::new(Arc::new(Pools::default())),
             cursors: Cursors::default(),
@@ -169,6 +173,21 @@ impl Proxy {
     /// scheduler scrapes vLLM through the sidecar's port.
     pub fn serves_metrics_at_root(&self) -> bool {
         matches!(self.cfg.mode, Mode::Pools)
+    }
+
+    /// The methods pools mode accepts on `path`, or `None` when the path is not served (404).
+    /// The sidecar accepts everything (`Some("")`): like llm-d's, it fronts its pod's own engine,
+    /// and the scheduler scrapes and probes vLLM through it.
+    pub fn allowed_methods(&self, path: &str) -> Option<&'static str> {
+        if let Mode::Sidecar { .. } = self.cfg.mode {
+            return Some("");
+        }
+        match path {
+            "/v1/completions" | "/v1/chat/completions" | "/v1/responses" => Some("POST"),
+            "/v1/models" | "/health" | "/metrics" | "/pdctl/metrics" => Some("GET"),
+            _ if self.passthrough_paths.contains(path) => Some("GET, HEAD, POST"),
+            _ => None,
+        }
     }
 
     /// The sidecar is healthy while it runs, like llm-d's; pools mode needs a ready pair.

@@ -262,8 +262,9 @@ pub fn build(
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     let headers = request.headers_mut();
+    let has_connection = client_headers.contains_key(header::CONNECTION);
     for (name, value) in client_headers {
-        if forwardable(name) {
+        if forwardable(name) && !(has_connection && named_in_connection(client_headers, name)) {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -286,7 +287,20 @@ fn forwardable(name: &HeaderName) -> bool {
         || n == PREFILLER_HEADER)
 }
 
-/// Drops hop-by-hop headers from an upstream response before it goes to the client.
+/// RFC 9110 §7.6.1: a header the sender lists in `Connection` is hop-by-hop too. Only called when
+/// a `Connection` header is present; no allocation.
+fn named_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|value| {
+        value.to_str().is_ok_and(|listed| {
+            listed
+                .split(',')
+                .any(|option| option.trim().eq_ignore_ascii_case(name.as_str()))
+        })
+    })
+}
+
+/// Drops hop-by-hop headers (with those named in `Connection`) from an upstream response before
+/// it goes to the client.
 pub fn clean_response_headers(headers: &mut HeaderMap) {
     // Engines rarely send any: one pass over the few names present beats nine hashed removals.
     if !headers
@@ -294,6 +308,16 @@ pub fn clean_response_headers(headers: &mut HeaderMap) {
         .any(|name| HOP_BY_HOP.contains(&name.as_str()))
     {
         return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|option| HeaderName::from_bytes(option.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
     for name in HOP_BY_HOP {
         headers.remove(*name);
@@ -313,6 +337,41 @@ mod tests {
         clean_response_headers(&mut h);
         assert_eq!(h.len(), 1);
         assert_eq!(h["content-type"], "application/json");
+
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, X-Engine-Secret"),
+        );
+        h.insert("x-engine-secret", HeaderValue::from_static("s"));
+        clean_response_headers(&mut h);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn headers_named_in_connection_are_not_forwarded() {
+        let mut client = HeaderMap::new();
+        client.append(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        client.append("connection", HeaderValue::from_static("x-other"));
+        client.insert("x-secret", HeaderValue::from_static("s"));
+        client.insert("x-other", HeaderValue::from_static("o"));
+        client.insert("x-kept", HeaderValue::from_static("k"));
+        let r = build(
+            Method::POST,
+            "127.0.0.1:9",
+            "/v1/completions",
+            &client,
+            "id",
+            Bytes::new(),
+        );
+        let h = r.headers();
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("x-other").is_none());
+        assert_eq!(h["x-kept"], "k");
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub struct ProxySection {
     pub max_body_bytes: u64,
     /// Name of an environment variable holding the API key clients must send (never the key).
     pub api_key_env: Option<String>,
+    /// Paths beyond the built-in routes that pools mode forwards to a decode unchanged (exact
+    /// matches, GET/HEAD/POST); every other path is 404.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub passthrough_paths: Vec<String>,
 }
 
 impl Default for ProxySection {
@@ -44,6 +48,7 @@ impl Default for ProxySection {
             decode_first_byte_timeout: Duration::from_secs(300),
             max_body_bytes: 32 * 1024 * 1024,
             api_key_env: None,
+            passthrough_paths: Vec::new(),
         }
     }
 }
@@ -125,6 +130,14 @@ impl ProxySection {
                 ));
             }
         }
+        for path in &self.passthrough_paths {
+            if !path.starts_with('/') || path.contains(['?', '#']) {
+                out.push((
+                    "passthrough_paths",
+                    format!("`{path}` is not a path: it must start with `/` and have no query"),
+                ));
+            }
+        }
         out
     }
 
@@ -156,6 +169,7 @@ mod tests {
             max_body_bytes: 0,
             api_key_env: Some("1KEY".into()),
             prefill_max_retries: 100,
+            passthrough_paths: vec!["/ok".into(), "score".into()],
             ..ProxySection::default()
         };
         let keys: Vec<_> = p.problems().into_iter().map(|(k, _)| k).collect();
@@ -167,7 +181,8 @@ mod tests {
                 "connect_timeout",
                 "prefill_max_retries",
                 "max_body_bytes",
-                "api_key_env"
+                "api_key_env",
+                "passthrough_paths"
             ]
         );
     }
