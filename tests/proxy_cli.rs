@@ -182,6 +182,26 @@ fn body_limit_and_api_key_flags_guard_the_proxy() {
     let reply = request(port, "POST", CHAT, &[auth], &chat(json!({})).to_string());
     assert_eq!(reply.status, 200);
     assert_eq!(p.count(), 1);
+    for path in ["/metrics", "/pdctl/metrics"] {
+        assert_eq!(get(port, path).status, 401, "{path} is behind the key");
+        assert_eq!(
+            request(port, "GET", path, &[auth], "").status,
+            200,
+            "{path}"
+        );
+    }
+
+    let extra = ["--api-key", "s3cret", "--metrics-public"];
+    let proxy = Proxy::start("proxy", &args(&[&p], &[&d], &extra));
+    for path in ["/metrics", "/pdctl/metrics"] {
+        assert_eq!(
+            get(proxy.port, path).status,
+            200,
+            "{path} with --metrics-public"
+        );
+    }
+    let reply = request(proxy.port, "POST", CHAT, &[], &chat(json!({})).to_string());
+    assert_eq!(reply.status, 401, "inference still needs the key");
 }
 
 /// `pdctl proxy` serves only its routes plus `--passthrough-path`; the sidecar, like llm-d's,

@@ -543,6 +543,18 @@ fn limits_errors_and_api_key() {
     let a = request(px.port, "POST", CHAT, &[auth], &"x".repeat(2000));
     assert_eq!(a.status, 413);
     assert_eq!(a.json()["error"]["code"], 413);
+    // A declared length over the limit is refused at once: the body is never waited for.
+    let mut conn = TcpStream::connect(("127.0.0.1", px.port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer s3cret\r\ncontent-length: {}\r\n\r\n{{",
+        40 << 20
+    );
+    conn.write_all(head.as_bytes()).unwrap();
+    let mut answer = [0u8; 12];
+    conn.read_exact(&mut answer)
+        .expect("413 without waiting for the body");
+    assert_eq!(&answer, b"HTTP/1.1 413");
     let a = request(px.port, "POST", CHAT, &[auth], "{not json");
     assert_eq!(a.status, 400);
     assert_eq!(a.json()["error"]["type"], "BadRequestError");
@@ -552,8 +564,21 @@ fn limits_errors_and_api_key() {
     assert_eq!(a.status, 504);
     assert_eq!(a.json()["error"]["type"], "GatewayTimeout");
     assert_eq!(d.count(), 0);
-    // Health stays open for probes.
+    // Health stays open for probes; metrics (they list the engines) are behind the key.
     assert_eq!(get(px.port, "/health").status, 200);
+    for path in ["/metrics", "/pdctl/metrics"] {
+        assert_eq!(get(px.port, path).status, 401, "{path}");
+        assert_eq!(request(px.port, "GET", path, &[auth], "").status, 200);
+    }
+    let open = ProxySection {
+        api_key_env: Some("PDCTL_TEST_PROXY_KEY".into()),
+        metrics_public: true,
+        ..fast()
+    };
+    let open = Embedded::start(open, &[&p.url], &[&d.url]);
+    assert_eq!(get(open.port, "/metrics").status, 200, "metrics_public");
+    assert_eq!(get(open.port, "/pdctl/metrics").status, 200);
+    assert_eq!(post(open.port, CHAT, &hello()).status, 401);
     // An unset key variable is a startup error.
     let sec = ProxySection {
         api_key_env: Some("PDCTL_TEST_UNSET_KEY_VAR".into()),

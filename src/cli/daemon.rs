@@ -251,7 +251,7 @@ pub fn logs(args: LogsArgs) -> CliResult {
     let state = StateDir::for_project(&l.project);
     let name = plan::full_instance_name(&l.project, &args.instance);
     tokio_rt().block_on(async {
-        let runtime = daemon::connect_runtime(&plan::runtime_plan(&l.spec), &state).await?;
+        let runtime = daemon::connect_runtime(&plan::runtime_plan(&l.spec), &state, &[]).await?;
         let mut stream = runtime.logs(&name, args.tail, args.follow);
         let mut out = std::io::stdout();
         while let Some(chunk) = stream.next().await {

@@ -46,6 +46,9 @@ pub struct PolicyArgs {
     /// Clients must send `Authorization: Bearer KEY`.
     #[arg(long, env = "PDCTL_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Serve `/metrics` and `/pdctl/metrics` without the API key.
+    #[arg(long)]
+    pub metrics_public: bool,
     /// Worker threads, each with its own connections (0 = one per 4 cores, 1 to 4).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
@@ -65,6 +68,7 @@ impl PolicyArgs {
              prefill_timeout => prefill_timeout,
              decode_first_byte_timeout => decode_first_byte_timeout,
              max_body_bytes => max_body_bytes);
+        s.metrics_public |= self.metrics_public;
     }
 }
 

@@ -41,10 +41,12 @@ impl Deployment {
 }
 
 /// The runtime a plan asks for ([`plan::runtime_plan`] when only listing, stopping or reading
-/// logs); local processes keep their records in the project's state directory.
+/// logs); local processes keep their records in the project's state directory and start without
+/// the `withheld_env` variables of the daemon's environment (containers inherit nothing).
 pub async fn connect_runtime(
     runtime: &RuntimePlan,
     state: &StateDir,
+    withheld_env: &[String],
 ) -> Result<Arc<dyn Runtime>, RuntimeError> {
     Ok(match runtime {
         RuntimePlan::Docker {
@@ -52,7 +54,9 @@ pub async fn connect_runtime(
             network_mode,
             ..
         } => Arc::new(DockerRuntime::connect(*pull_policy, network_mode).await?),
-        RuntimePlan::Process { .. } => Arc::new(ProcessRuntime::new(&state.dir)?),
+        RuntimePlan::Process { .. } => {
+            Arc::new(ProcessRuntime::new(&state.dir)?.withholding(withheld_env))
+        }
     })
 }
 

@@ -50,7 +50,7 @@ async fn clean_up(loaded: &LoadedSpec, state: &StateDir) -> Result<Down, DaemonE
         });
     };
     let stopped = async {
-        let runtime = connect_runtime(&plan::runtime_plan(&loaded.spec), state).await?;
+        let runtime = connect_runtime(&plan::runtime_plan(&loaded.spec), state, &[]).await?;
         stop_all(runtime.as_ref(), &loaded.project, LEFTOVER_GRACE).await
     }
     .await;

@@ -98,7 +98,8 @@ pub async fn run(up: Up) -> Result<(), DaemonError> {
             addr: listen.clone(),
             source,
         })?;
-    let runtime = connect_runtime(&plan.runtime, &state).await?;
+    // The proxy's API key stays with the proxy: engines do not inherit its variable.
+    let runtime = connect_runtime(&plan.runtime, &state, plan.proxy.api_key_env.as_slice()).await?;
     ensure_images(runtime.as_ref(), &plan, observer.as_ref()).await?;
     let control = api::bind(&state.socket())?;
 

@@ -138,7 +138,7 @@ fn router_labels(plan: &Plan) -> BTreeMap<String, String> {
 /// what to route to and the API key, which each target passes its own way).
 pub fn policy_args(plan: &Plan) -> Vec<String> {
     let p = &plan.proxy;
-    vec![
+    let mut args = vec![
         format!("--prefill-policy={}", kebab(&p.prefill_policy)),
         format!("--decode-policy={}", kebab(&p.decode_policy)),
         format!("--pd-threshold={}", p.pd_threshold_tokens),
@@ -149,7 +149,11 @@ pub fn policy_args(plan: &Plan) -> Vec<String> {
         duration_flag("--prefill-timeout", p.prefill_timeout),
         duration_flag("--decode-first-byte-timeout", p.decode_first_byte_timeout),
         format!("--max-body-bytes={}", p.max_body_bytes),
-    ]
+    ];
+    if p.metrics_public {
+        args.push("--metrics-public".into());
+    }
+    args
 }
 
 fn duration_flag(flag: &str, value: std::time::Duration) -> String {

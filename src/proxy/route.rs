@@ -26,16 +26,16 @@ pub async fn handle(
     worker.refresh(&proxy);
     let engines = &worker.client;
     let path = req.uri().path().to_string();
-    match (req.method(), path.as_str()) {
-        (&Method::GET, "/health") => return health(&proxy),
-        (&Method::GET, "/pdctl/metrics") => return metrics(&proxy),
-        (&Method::GET, "/metrics") if proxy.serves_metrics_at_root() => return metrics(&proxy),
-        _ => {}
+    if req.method() == Method::GET && path == "/health" {
+        return health(&proxy);
     }
     if let Some(refused) = check_route(&proxy, req.method(), &path) {
         return refused;
     }
-    if let Some(key) = &proxy.cfg.api_key {
+    // Metrics name every engine: behind the key too, unless `metrics_public` says otherwise.
+    let metrics_path = path == "/metrics" || path == "/pdctl/metrics";
+    let open = metrics_path && proxy.cfg.section.metrics_public;
+    if let Some(key) = proxy.cfg.api_key.as_ref().filter(|_| !open) {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -45,19 +45,25 @@ pub async fn handle(
             return error(StatusCode::UNAUTHORIZED, "missing or wrong API key");
         }
     }
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/pdctl/metrics") => return metrics(&proxy),
+        (&Method::GET, "/metrics") if proxy.serves_metrics_at_root() => return metrics(&proxy),
+        _ => {}
+    }
+    let limit = proxy.cfg.section.max_body_bytes;
+    // A declared length over the limit is refused before a byte of the body is read (and before
+    // hyper answers `Expect: 100-continue`); bodies without one are cut off by `Limited`.
+    if declared_length(&req).is_some_and(|length| length > limit) {
+        return too_large(&proxy, limit);
+    }
     let (parts, body) = req.into_parts();
-    let limit = proxy.cfg.section.max_body_bytes as usize;
-    let body = match Limited::new(body, limit).collect().await {
+    let body = match Limited::new(body, limit as usize).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            proxy.count("body", StatusCode::PAYLOAD_TOO_LARGE, PathTaken::Local);
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("request body is larger than {limit} bytes"),
-            );
+            return too_large(&proxy, limit);
         }
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")),
     };
@@ -72,6 +78,23 @@ pub async fn handle(
     };
     gone.disarm();
     response
+}
+
+fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn too_large(proxy: &Proxy, limit: u64) -> Response<Body> {
+    proxy.count("body", StatusCode::PAYLOAD_TOO_LARGE, PathTaken::Local);
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("request body is larger than {limit} bytes"),
+    )
 }
 
 /// 404 for a path the proxy does not serve, 405 (with `Allow`) for a method it does not take

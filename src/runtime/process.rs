@@ -43,6 +43,8 @@ pub struct ProcessRuntime {
     /// Serialises read-modify-write of records: without it, the reaper of an old process
     /// could write its exit back over the record of the process that replaced it.
     records: Arc<Mutex<()>>,
+    /// Variables of the daemon's own environment engines must not inherit (the proxy's API key).
+    withheld_env: Vec<String>,
 }
 
 impl ProcessRuntime {
@@ -59,7 +61,14 @@ impl ProcessRuntime {
             dir: dir.to_path_buf(),
             events: broadcast::channel(64).0,
             records: Arc::new(Mutex::new(())),
+            withheld_env: Vec::new(),
         })
+    }
+
+    /// Engines start without these variables of the daemon's environment.
+    pub fn withholding(mut self, names: &[String]) -> Self {
+        self.withheld_env = names.to_vec();
+        self
     }
 
     fn record_path(&self, name: &str) -> PathBuf {
@@ -268,6 +277,9 @@ impl Runtime for ProcessRuntime {
                 .open(self.log_path(&name))
                 .map_err(io("open the log of"))?;
             let mut cmd = tokio::process::Command::new(program(argv0));
+            for name in &self.withheld_env {
+                cmd.env_remove(name);
+            }
             cmd.args(args)
                 .envs(env(inst).iter().map(|e| (&e.name, &e.value)))
                 .stdin(Stdio::null())
@@ -641,6 +653,30 @@ mod tests {
         assert_eq!(logs[0].as_ref().unwrap().as_ref(), b"hello\n");
         rt.remove(&inst.name).await.unwrap();
         assert!(rt.list("t").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn engines_do_not_inherit_withheld_variables() {
+        std::env::set_var("PDCTL_TEST_WITHHELD_KEY", "s3cret");
+        std::env::set_var("PDCTL_TEST_INHERITED", "yes");
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new(dir.path())
+            .unwrap()
+            .withholding(&["PDCTL_TEST_WITHHELD_KEY".into()]);
+        let mut inst = crate::plan::testing::instance("w", crate::plan::Role::Decode, 0, "h");
+        let script = "echo key=$PDCTL_TEST_WITHHELD_KEY inherited=$PDCTL_TEST_INHERITED";
+        inst.engine.command = ["sh", "-c", script].map(String::from).to_vec();
+        rt.create(&inst).await.unwrap();
+        rt.start(&inst).await.unwrap();
+        let log = loop {
+            let log = std::fs::read_to_string(rt.log_path(&inst.name)).unwrap_or_default();
+            if log.ends_with('\n') {
+                break log;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(log, "key= inherited=yes\n");
+        rt.remove(&inst.name).await.unwrap();
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub struct ProxySection {
     pub max_body_bytes: u64,
     /// Name of an environment variable holding the API key clients must send (never the key).
     pub api_key_env: Option<String>,
+    /// `/metrics` and `/pdctl/metrics` without the API key (they list the engines' URLs, so
+    /// they are behind the key by default).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub metrics_public: bool,
     /// Paths beyond the built-in routes that pools mode forwards to a decode unchanged (exact
     /// matches, GET/HEAD/POST); every other path is 404.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -48,6 +52,7 @@ impl Default for ProxySection {
             decode_first_byte_timeout: Duration::from_secs(300),
             max_body_bytes: 32 * 1024 * 1024,
             api_key_env: None,
+            metrics_public: false,
             passthrough_paths: Vec::new(),
         }
     }
