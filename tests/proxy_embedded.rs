@@ -628,6 +628,49 @@ fn buffered_bodies_share_one_budget() {
     });
 }
 
+/// Beyond `max_client_connections` open connections, a new one gets 503 and is closed; a slot
+/// comes back when a connection ends.
+#[test]
+fn client_connections_are_capped() {
+    let (p, d) = pair();
+    let sec = ProxySection {
+        max_client_connections: 2,
+        ..fast()
+    };
+    let px = Embedded::start(sec, &[&p.url], &[&d.url]);
+    let idle: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", px.port)).unwrap())
+        .collect();
+    // Connections are accepted in order, so the third is beyond the cap. It only reads: a
+    // request sent to a connection closed unread could be answered by a reset instead.
+    let mut third = TcpStream::connect(("127.0.0.1", px.port)).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    third.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains(r#""code":503"#), "{answer}");
+    drop(idle);
+    // Until the proxy has seen those close, a new connection may still be refused (and its
+    // request then reset): try with a client that tolerates both.
+    eventually("the slots come back", || {
+        let body = hello().to_string();
+        let request = format!(
+            "POST {CHAT} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut answer = String::new();
+        TcpStream::connect(("127.0.0.1", px.port))
+            .and_then(|mut conn| {
+                conn.write_all(request.as_bytes())?;
+                conn.read_to_string(&mut answer)
+            })
+            .is_ok()
+            && answer.starts_with("HTTP/1.1 200")
+    });
+}
+
 /// A client that disconnects mid-stream cancels the decode leg at once.
 #[test]
 fn client_disconnect_cancels_decode_stream() {
