@@ -43,6 +43,12 @@ pub struct PolicyArgs {
     /// Request bodies above this many bytes get 413.
     #[arg(long)]
     pub max_body_bytes: Option<u64>,
+    /// Open client connections; beyond it 503 and close.
+    #[arg(long)]
+    pub max_client_connections: Option<usize>,
+    /// Request bodies being received, all requests together; beyond it 503.
+    #[arg(long)]
+    pub max_buffered_body_bytes: Option<u64>,
     /// Clients must send `Authorization: Bearer KEY`.
     #[arg(long, env = "PDCTL_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -67,7 +73,9 @@ impl PolicyArgs {
              prefill_retry_backoff => prefill_retry_backoff, connect_timeout => connect_timeout,
              prefill_timeout => prefill_timeout,
              decode_first_byte_timeout => decode_first_byte_timeout,
-             max_body_bytes => max_body_bytes);
+             max_body_bytes => max_body_bytes,
+             max_buffered_body_bytes => max_buffered_body_bytes,
+             max_client_connections => max_client_connections);
         s.metrics_public |= self.metrics_public;
     }
 }

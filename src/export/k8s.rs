@@ -149,6 +149,8 @@ pub fn policy_args(plan: &Plan) -> Vec<String> {
         duration_flag("--prefill-timeout", p.prefill_timeout),
         duration_flag("--decode-first-byte-timeout", p.decode_first_byte_timeout),
         format!("--max-body-bytes={}", p.max_body_bytes),
+        format!("--max-buffered-body-bytes={}", p.max_buffered_body_bytes),
+        format!("--max-client-connections={}", p.max_client_connections),
     ];
     if p.metrics_public {
         args.push("--metrics-public".into());

@@ -15,6 +15,7 @@
 //! - `pick`, `upstream`, `rewrite` / `json` / `sse`, `security`, `metrics`, `discovery`,
 //!   `endpoints` — leaves.
 
+mod budget;
 pub(crate) mod discovery;
 pub mod endpoints;
 mod json;

@@ -4,14 +4,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
+use super::budget::Reservation;
 use super::metrics::PathTaken;
 use super::pd::{self, client_request_id};
-use super::respond::{error, respond, Body};
+use super::respond::{error, respond, Body, BoxError};
 use super::rewrite::Api;
 use super::security::authorized;
 use super::state::{Health, Proxy, Worker};
@@ -56,15 +57,25 @@ pub async fn handle(
     if declared_length(&req).is_some_and(|length| length > limit) {
         return too_large(&proxy, limit);
     }
+    // Held until the response head exists: retries and the decode leg still use the body.
+    let budget = proxy.clone();
+    let mut held = budget.bodies.reserve();
+    let declared = declared_length(&req);
+    if declared.is_some_and(|length| !held.grow(length)) {
+        return over_budget(&proxy);
+    }
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, limit as usize).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return too_large(&proxy, limit);
-        }
+    let read = match declared {
+        Some(_) => Limited::new(body, limit as usize)
+            .collect()
+            .await
+            .map(|collected| collected.to_bytes()),
+        None => read_undeclared(Limited::new(body, limit as usize), &mut held).await,
+    };
+    let body = match read {
+        Ok(body) => body,
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(&proxy, limit),
+        Err(e) if e.is::<OverBudget>() => return over_budget(&proxy),
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("reading the body: {e}")),
     };
     // Until a response exists, a client that goes away drops this future (and with it the
@@ -87,6 +98,39 @@ fn declared_length(req: &Request<Incoming>) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the proxy's budget for buffered request bodies is spent")]
+struct OverBudget;
+
+/// A body without `Content-Length` (chunked) takes its share of the budget frame by frame.
+async fn read_undeclared(
+    mut body: Limited<Incoming>,
+    held: &mut Reservation<'_>,
+) -> Result<Bytes, BoxError> {
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if !held.grow(data.len() as u64) {
+                return Err(OverBudget.into());
+            }
+            buffer.extend_from_slice(&data);
+        }
+    }
+    Ok(buffer.freeze())
+}
+
+fn over_budget(proxy: &Proxy) -> Response<Body> {
+    proxy.count("body", StatusCode::SERVICE_UNAVAILABLE, PathTaken::Local);
+    let mut response = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many request bodies are being received at once; retry shortly",
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+    response
 }
 
 fn too_large(proxy: &Proxy, limit: u64) -> Response<Body> {

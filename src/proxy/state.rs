@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::spec::proxy::{PickPolicy, PrefillFailurePolicy, ProxySection};
 use crate::spec::Role;
 
+use super::budget::BodyBudget;
 use super::endpoints::{Endpoint, EndpointSet};
 use super::metrics::{EndpointLabels, PathTaken, ProxyMetrics, RequestLabels};
 use super::pick::{self, Cursors, InFlight, Pools, Upstream};
@@ -83,6 +84,8 @@ pub struct Proxy {
     id_seed: u64,
     /// `[proxy] passthrough_paths`, hashed once so the route check stays O(1) per request.
     passthrough_paths: HashSet<String>,
+    /// Request bodies being buffered, all requests together (`max_buffered_body_bytes`).
+    pub bodies: BodyBudget,
 }
 
 impl Proxy {
@@ -95,6 +98,7 @@ impl Proxy {
         Arc::new(Proxy {
             client: upstream::client(cfg.section.connect_timeout),
             passthrough_paths: cfg.section.passthrough_paths.iter().cloned().collect(),
+            bodies: BodyBudget::new(cfg.section.max_buffered_body_bytes),
             cfg,
             pools: RwLock::new(Arc::new(Pools::default())),
             cursors: Cursors::default(),

@@ -3,6 +3,7 @@
 //! own pool of engine connections, so a request and both of its legs run on one thread.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +52,8 @@ pub async fn run(
     // Connections are dealt to the workers in turn: a worker that won more accept races would
     // serve more clients on one core and lengthen their tail latency.
     let mut turn = 0usize;
+    let cap = connection_cap(proxy.cfg.section.max_client_connections);
+    let open = Arc::new(AtomicUsize::new(0));
     while started.is_ok() {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -63,10 +66,16 @@ pub async fn run(
             },
             _ = shutdown.cancelled() => break,
         };
+        let Some(slot) = Slot::take(&open, cap) else {
+            // Beyond the cap: a short answer and close, rather than file descriptors running out
+            // for everyone (and `accept` failing in a loop).
+            let _ = stream.try_write(BUSY);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         match stream.into_std() {
             Ok(stream) => {
-                let _ = lanes[turn % lanes.len()].send(stream);
+                let _ = lanes[turn % lanes.len()].send((stream, slot));
                 turn = turn.wrapping_add(1);
             }
             Err(e) => tracing::warn!(error = %e, "cannot hand a connection to a worker"),
@@ -78,6 +87,53 @@ pub async fn run(
         let _ = done.await;
     }
     started
+}
+
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 123\r\n\r\n{\"error\":{\"message\":\"too many open client connections; retry shortly\",\"type\":\"ServiceUnavailable\",\"param\":null,\"code\":503}}";
+
+/// One open client connection counted against the cap; released when the connection ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>, cap: usize) -> Option<Slot> {
+        if open.fetch_add(1, Relaxed) >= cap {
+            open.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(Slot(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// `max_client_connections`, kept below three quarters of the file descriptors the process may
+/// open, after raising its soft limit to the hard one: engine connections need some too.
+fn connection_cap(configured: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return configured;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+    }
+    let by_fds = usize::try_from(limit.rlim_cur / 4 * 3).unwrap_or(usize::MAX);
+    configured.min(by_fds.max(1))
 }
 
 /// Worker threads when the caller leaves it to us: one per four cores, from 1 to 4. One worker
@@ -97,7 +153,7 @@ pub fn count(asked: usize) -> usize {
 /// first byte to the last, with no cross-thread wakeups.
 fn spawn(
     index: usize,
-    connections: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    connections: mpsc::UnboundedReceiver<(std::net::TcpStream, Slot)>,
     proxy: &Arc<Proxy>,
     endpoints: &watch::Receiver<EndpointSet>,
     shutdown: &CancellationToken,
@@ -118,7 +174,7 @@ fn spawn(
 }
 
 async fn serve_connections(
-    mut connections: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    mut connections: mpsc::UnboundedReceiver<(std::net::TcpStream, Slot)>,
     proxy: Arc<Proxy>,
     endpoints: watch::Receiver<EndpointSet>,
     shutdown: CancellationToken,
@@ -131,11 +187,12 @@ async fn serve_connections(
     loop {
         let stream = tokio::select! {
             stream = connections.recv() => match stream {
-                Some(stream) => stream,
+                Some(accepted) => accepted,
                 None => break,
             },
             _ = shutdown.cancelled() => break,
         };
+        let (stream, slot) = stream;
         let stream = match tokio::net::TcpStream::from_std(stream) {
             Ok(stream) => stream,
             Err(e) => {
@@ -154,6 +211,7 @@ async fn serve_connections(
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(slot);
         });
     }
     drop(connections);

@@ -25,6 +25,11 @@ pub struct ProxySection {
     pub decode_first_byte_timeout: Duration,
     /// Request bodies above this many bytes get 413.
     pub max_body_bytes: u64,
+    /// Open client connections; beyond it new ones get 503 and are closed (also kept below
+    /// three quarters of the process's file descriptor limit).
+    pub max_client_connections: usize,
+    /// Request bodies being received, all requests together; beyond it new ones get 503.
+    pub max_buffered_body_bytes: u64,
     /// Name of an environment variable holding the API key clients must send (never the key).
     pub api_key_env: Option<String>,
     /// `/metrics` and `/pdctl/metrics` without the API key (they list the engines' URLs, so
@@ -51,6 +56,8 @@ impl Default for ProxySection {
             prefill_timeout: Duration::from_secs(300),
             decode_first_byte_timeout: Duration::from_secs(300),
             max_body_bytes: 32 * 1024 * 1024,
+            max_buffered_body_bytes: 256 * 1024 * 1024,
+            max_client_connections: 10_000,
             api_key_env: None,
             metrics_public: false,
             passthrough_paths: Vec::new(),
@@ -123,6 +130,21 @@ impl ProxySection {
             out.push((
                 "max_body_bytes",
                 "`max_body_bytes` must be more than 0".into(),
+            ));
+        }
+        if self.max_client_connections == 0 {
+            out.push((
+                "max_client_connections",
+                "`max_client_connections` must be more than 0".into(),
+            ));
+        }
+        if self.max_buffered_body_bytes < self.max_body_bytes {
+            out.push((
+                "max_buffered_body_bytes",
+                format!(
+                    "`max_buffered_body_bytes` ({}) must be at least `max_body_bytes` ({})",
+                    self.max_buffered_body_bytes, self.max_body_bytes
+                ),
             ));
         }
         if let Some(name) = &self.api_key_env {
