@@ -192,7 +192,8 @@ fn image_of(plan: &Plan) -> (String, String) {
 }
 
 /// For every instance, what `pdctl up` would create with Docker and what the cluster export
-/// runs agree, up to the one documented mapping: the engine port (and so the probes' port).
+/// runs agree, up to the documented mappings: the engine port (and so the probes' port) and the
+/// listen address.
 #[test]
 fn docker_containers_and_exported_pods_are_equivalent() {
     for file in SHIPPED {
@@ -324,10 +325,18 @@ fn docker_containers_and_exported_pods_are_equivalent() {
     }
 }
 
+/// The plan's argv as a pod runs it: the pod's engine port, and no loopback `--host` (the pod's
+/// Service and probes reach the engine on the pod's IP).
 fn with_port(argv: &[String], port: u16) -> Vec<String> {
     let mut out = argv.to_vec();
     if let Some(i) = out.iter().position(|a| a == "--port") {
         out[i + 1] = port.to_string();
+    }
+    if let Some(i) = out
+        .windows(2)
+        .position(|w| w[0] == "--host" && w[1] == pdctl::plan::ENGINE_HOST)
+    {
+        out.drain(i..i + 2);
     }
     out
 }

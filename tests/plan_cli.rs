@@ -102,7 +102,10 @@ fn table_shows_instances_ports_and_the_host_shm_note() {
         "5700",
         "host/host",
         "shm_size does not apply",
-        "'{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\"}'",
+        "'{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_producer\"}'",
+        "'{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_consumer\"}'",
+        "--host 127.0.0.1",
+        "--disable-access-log-for-endpoints /health",
     ] {
         assert!(s.contains(want), "missing {want:?} in\n{s}");
     }

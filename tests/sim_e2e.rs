@@ -28,6 +28,17 @@ fn prefill(sim: &Sim, prompt: &str, extra: Value) -> Value {
     reply.json()
 }
 
+/// The decode's `vllm:prompt_tokens_by_source_total` for one source.
+fn prompt_tokens_from(sim: &Sim, source: &str) -> f64 {
+    let page = get(sim.port, "/metrics").body;
+    let label = format!("source=\"{source}\"");
+    page.lines()
+        .filter(|l| l.starts_with("vllm:prompt_tokens_by_source_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .next()
+        .unwrap_or_else(|| panic!("no {source} sample in:\n{page}"))
+}
+
 fn decode(sim: &Sim, params: &Value) -> Value {
     let reply = post(
         sim.port,
@@ -49,7 +60,20 @@ fn pd_by_hand_pulls_the_blocks_once() {
     assert_eq!(params["remote_port"], p.side_port);
     assert_eq!(params["remote_host"], "127.0.0.1");
     assert_eq!(params["tp_size"], 1);
-    assert!(params["remote_block_ids"].as_array().unwrap()[0].is_u64());
+    // The real engine's shape (vLLM 0.32, NixlConnector in pull mode).
+    assert!(
+        params["remote_block_ids"][0][0].is_u64(),
+        "one list of block ids per KV cache group: {params}"
+    );
+    assert_eq!(params["dcp_size"], 1);
+    assert_eq!(params["pp_size"], 1);
+    assert_eq!(params["transfer_mode"], "pull");
+    assert_eq!(params["remote_blocks_expiry_time"], Value::Null);
+    assert_eq!(
+        params["remote_num_tokens"],
+        answer["usage"]["prompt_tokens"]
+    );
+    assert!(params["remote_prefill_cached_tokens"].is_u64(), "{params}");
     assert!(params["remote_engine_id"].is_string() && params["remote_request_id"].is_string());
     assert!(
         p.metric("vllm:kv_cache_usage_perc") > 0.0,
@@ -59,6 +83,15 @@ fn pd_by_hand_pulls_the_blocks_once() {
     let out = decode(&d, params);
     assert_eq!(out["choices"][0]["finish_reason"], "length");
     assert_eq!(out["usage"]["completion_tokens"], 4);
+    let prompt = out["usage"]["prompt_tokens"].as_f64().unwrap();
+    assert_eq!(
+        [
+            prompt_tokens_from(&d, "external_kv_transfer"),
+            prompt_tokens_from(&d, "local_compute")
+        ],
+        [prompt, 0.0],
+        "the whole prompt came from the transfer, as the real decode counts it"
+    );
     assert_eq!(d.metric("pdctl_sim_kv_pulls_ok_total"), 1.0);
     assert_eq!(d.metric("pdctl_sim_kv_pulls_failed_total"), 0.0);
     assert_eq!(p.metric("pdctl_sim_kv_transfers_served_total"), 1.0);
@@ -71,6 +104,8 @@ fn pd_by_hand_pulls_the_blocks_once() {
 
     // The same params again are stale: the decode recomputes and says so.
     decode(&d, params);
+    assert_eq!(prompt_tokens_from(&d, "external_kv_transfer"), prompt);
+    assert!(prompt_tokens_from(&d, "local_compute") > 0.0);
     assert_eq!(d.metric("pdctl_sim_kv_pulls_failed_total"), 1.0);
     assert_eq!(p.metric("pdctl_sim_kv_transfers_rejected_total"), 1.0);
 }

@@ -356,6 +356,62 @@ mod tests {
             .ends_with(&["--tensor-parallel-size".into(), "1".into()]));
     }
 
+    fn flag(i: &Instance, name: &str) -> Option<String> {
+        let argv = i.argv();
+        let at = argv.iter().position(|a| a == name)?;
+        argv.get(at + 1).cloned()
+    }
+
+    #[test]
+    fn each_role_gets_its_own_kv_role() {
+        let p = plan(DOCKER, "2");
+        let kv = |role| flag(p.instances_of(role).next().unwrap(), "--kv-transfer-config");
+        assert_eq!(
+            kv(Role::Prefill).as_deref(),
+            Some(r#"{"kv_connector":"NixlConnector","kv_role":"kv_producer"}"#)
+        );
+        assert_eq!(
+            kv(Role::Decode).as_deref(),
+            Some(r#"{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}"#)
+        );
+    }
+
+    #[test]
+    fn engines_listen_on_loopback_unless_the_pool_or_a_bridge_network_says_otherwise() {
+        let p = plan(DOCKER, "2");
+        assert_eq!(
+            flag(&p.instances[0], "--host").as_deref(),
+            Some("127.0.0.1")
+        );
+        let own = plan(
+            &format!("{DOCKER}[decode]\nargs = [\"--host=0.0.0.0\"]\n"),
+            "2",
+        );
+        let d = own.instances_of(Role::Decode).next().unwrap();
+        assert_eq!(flag(d, "--host"), None);
+        assert!(d.argv().contains(&"--host=0.0.0.0".to_string()));
+        let bridged = plan(
+            &format!("{DOCKER}[runtime]\nnetwork_mode = \"bridge\"\n"),
+            "2",
+        );
+        assert_eq!(flag(&bridged.instances[0], "--host"), None);
+    }
+
+    #[test]
+    fn probe_paths_stay_out_of_the_access_log() {
+        let p = plan(DOCKER, "2");
+        assert_eq!(
+            flag(&p.instances[0], "--disable-access-log-for-endpoints").as_deref(),
+            Some("/health")
+        );
+        let src = format!("{DOCKER}[prefill.probes.readiness]\npath = \"/v1/models\"\n");
+        let p = plan(&src, "2");
+        assert_eq!(
+            flag(&p.instances[0], "--disable-access-log-for-endpoints").as_deref(),
+            Some("/health,/v1/models")
+        );
+    }
+
     #[test]
     fn a_cluster_plan_needs_no_gpus_and_matches_the_host_plan_but_for_placement() {
         let src = format!("{DOCKER}[decode]\ngpus_per_replica = 2\n[gpus]\ndevices = [7]\n");

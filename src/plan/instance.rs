@@ -9,8 +9,18 @@ use super::model::*;
 use super::{label, ports};
 use crate::spec::{quantity, LoadedSpec, PoolSection, ProbeKind, Spec};
 
-/// vLLM's NixlConnector on both roles; `kv_role` is a placeholder, the proxy decides roles.
-pub const KV_TRANSFER_CONFIG: &str = r#"{"kv_connector":"NixlConnector","kv_role":"kv_both"}"#;
+/// vLLM's NixlConnector, with the role vLLM asks for: it deprecates `kv_both` ("set
+/// kv_role='kv_producer' for prefill instances and 'kv_consumer' for decode instances").
+pub fn kv_transfer_config(role: Role) -> &'static str {
+    match role {
+        Role::Prefill => r#"{"kv_connector":"NixlConnector","kv_role":"kv_producer"}"#,
+        Role::Decode => r#"{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}"#,
+    }
+}
+
+/// Where an engine listens on this host unless its pool's `args` name a `--host`: vLLM binds
+/// every interface without one, and only pdctl's daemon and proxy on this host need it.
+pub const ENGINE_HOST: &str = "127.0.0.1";
 
 /// Where Docker containers see the model: KServe's mount points.
 pub const MODEL_MOUNT: &str = "/mnt/models";
@@ -64,7 +74,8 @@ pub(super) fn instance(
             RuntimePlan::Docker { image, .. } => Some(image.clone()),
             RuntimePlan::Process { .. } => None,
         },
-        engine: engine(spec, pool, model, runtime),
+        listen_host: listen_host(pool, runtime),
+        engine: engine(spec, pool, model, runtime, role, http_port),
         mounts: mounts(model, docker),
         shm_size: pool.shm_size.clone(),
         // Validated by spec::load.
@@ -87,7 +98,26 @@ pub(super) fn instance(
     inst
 }
 
-fn engine(spec: &Spec, pool: &PoolSection, model: &ModelPlan, runtime: &RuntimePlan) -> Engine {
+fn user_sets(pool: &PoolSection, flag: &str) -> bool {
+    pool.args.iter().any(|a| a.split('=').next() == Some(flag))
+}
+
+/// Behind a Docker bridge network the engine is reached through published ports, so it must
+/// listen on the container's own interfaces: no `--host` then.
+fn listen_host(pool: &PoolSection, runtime: &RuntimePlan) -> Option<String> {
+    let bridged = matches!(runtime, RuntimePlan::Docker { network_mode, .. }
+        if network_mode != super::HOST_NETWORK_MODE);
+    (!bridged && !user_sets(pool, "--host")).then(|| ENGINE_HOST.to_string())
+}
+
+fn engine(
+    spec: &Spec,
+    pool: &PoolSection,
+    model: &ModelPlan,
+    runtime: &RuntimePlan,
+    role: Role,
+    http_port: u16,
+) -> Engine {
     let (command, model_arg) = match (runtime, &model.source) {
         (RuntimePlan::Process { command }, ModelSource::Path { host_path }) => {
             (command.clone(), host_path.display().to_string())
@@ -108,12 +138,21 @@ fn engine(spec: &Spec, pool: &PoolSection, model: &ModelPlan, runtime: &RuntimeP
     };
     let mut args = vec!["--served-model-name".into(), model.served_name.clone()];
     // A user's own --kv-transfer-config replaces ours, as KServe's template does.
-    if !pool
-        .args
-        .iter()
-        .any(|a| a.split('=').next() == Some("--kv-transfer-config"))
-    {
-        args.extend(["--kv-transfer-config".into(), KV_TRANSFER_CONFIG.into()]);
+    if !user_sets(pool, "--kv-transfer-config") {
+        args.extend([
+            "--kv-transfer-config".into(),
+            kv_transfer_config(role).into(),
+        ]);
+    }
+    // The probes ask every second or so; each would be an access-log line.
+    if !user_sets(pool, "--disable-access-log-for-endpoints") {
+        let mut paths: Vec<String> = ProbeKind::ALL
+            .iter()
+            .map(|&k| probe(pool, k, http_port).path)
+            .collect();
+        paths.sort();
+        paths.dedup();
+        args.extend(["--disable-access-log-for-endpoints".into(), paths.join(",")]);
     }
     let tp = pool.gpus_per_replica.max(1);
     args.extend(["--tensor-parallel-size".into(), tp.to_string()]);

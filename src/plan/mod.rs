@@ -16,7 +16,9 @@ pub mod ports;
 pub mod testing;
 
 pub use build::{build, build_for_cluster, check, gpus_needed, runtime_plan};
-pub use instance::{full_instance_name, instance_name, labels, spec_hash, KV_TRANSFER_CONFIG};
+pub use instance::{
+    full_instance_name, instance_name, kv_transfer_config, labels, spec_hash, ENGINE_HOST,
+};
 pub use model::*;
 
 use crate::gpu::{GpuError, GpuInfo, GpuInventory};

@@ -94,6 +94,10 @@ pub struct Instance {
     pub http_port: u16,
     /// Host binding: `VLLM_NIXL_SIDE_CHANNEL_PORT` here.
     pub side_channel_port: u16,
+    /// Host binding: the engine's `--host` here (loopback), unless the pool's `args` name one
+    /// or a Docker bridge network publishes its ports. A pod listens on its own IP.
+    #[serde(default)]
+    pub listen_host: Option<String>,
     /// Docker runtime only.
     pub image: Option<String>,
     pub engine: Engine,
@@ -117,7 +121,13 @@ pub struct Instance {
 impl Instance {
     /// The argv on this host: the engine serving its model on `http_port`.
     pub fn argv(&self) -> Vec<String> {
-        self.engine.argv(&self.engine.model, self.http_port)
+        let mut argv = self.engine.argv(&self.engine.model, self.http_port);
+        if let Some(host) = &self.listen_host {
+            // Right after `--port PORT`, before the engine's own arguments.
+            let at = self.engine.command.len() + 4;
+            argv.splice(at..at, ["--host".to_string(), host.clone()]);
+        }
+        argv
     }
 
     /// The env bindings of a run on this host: the NIXL side channel on loopback.

@@ -27,6 +27,7 @@ pub fn instance(project: &str, role: Role, index: u32, hash: &str) -> Instance {
         gpus: vec![],
         http_port: port,
         side_channel_port: port - 2500,
+        listen_host: None,
         image: Some("pdctl-sim:dev".into()),
         gpu_count: 0,
         engine: Engine {

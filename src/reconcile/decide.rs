@@ -127,11 +127,13 @@ pub fn observe(
     }
 }
 
-fn restartable(inst: &Instance, o: &Observed) -> bool {
+/// An engine is a server: it never finishes its work, so an exit the daemon did not ask for is
+/// a failure whatever its status (vLLM exits 0 when its engine core or a worker dies). So
+/// `on-failure` restarts after status 0 too, like `always`; only `never` leaves it down.
+fn restartable(inst: &Instance, _o: &Observed) -> bool {
     match inst.restart_policy {
-        RestartPolicy::Always => true,
+        RestartPolicy::Always | RestartPolicy::OnFailure => true,
         RestartPolicy::Never => false,
-        RestartPolicy::OnFailure => o.exit.as_ref().and_then(|e| e.code) != Some(0),
     }
 }
 
@@ -335,15 +337,19 @@ mod tests {
                 oom_killed: false,
             }),
         )];
+        // A server that exits 0 on its own has failed too.
         d0.restart_policy = RestartPolicy::OnFailure;
-        assert!(decide(
-            std::slice::from_ref(&d0),
-            &clean,
-            &BTreeMap::new(),
-            now,
-            &cfg()
-        )
-        .is_empty());
+        assert_eq!(
+            decide(
+                std::slice::from_ref(&d0),
+                &clean,
+                &BTreeMap::new(),
+                now,
+                &cfg()
+            )
+            .len(),
+            1
+        );
         d0.restart_policy = RestartPolicy::Never;
         assert!(decide(
             std::slice::from_ref(&d0),

@@ -124,6 +124,58 @@ fn signal_group(pid: u32, sig: i32) {
     }
 }
 
+/// The live (not zombie) processes of process group `pgid`, from `/proc`.
+fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let Some(close) = stat.rfind(')') else {
+                return false;
+            };
+            // After the command name: state, ppid, pgrp.
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().take(3).collect();
+            !matches!(fields.first(), Some(&"Z") | Some(&"X"))
+                && fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid)
+        })
+        .collect()
+}
+
+/// Whether the process group that `rec`'s engine led still has members that are ours. vLLM's
+/// EngineCore and workers outlive a SIGKILLed API server in its group, holding the engine's
+/// ports. While any member lives, the kernel keeps the group's id from being handed out again,
+/// so the members of a group whose leader is gone are the engine's orphans; a live process with
+/// the leader's pid but another start time means the id was reused and the group is not ours.
+fn owned_group(rec: &Record) -> Option<u32> {
+    let pid = rec.pid?;
+    match proc_start_ticks(pid) {
+        Some(ticks) if Some(ticks) != rec.start_ticks => None,
+        _ => (!group_members(pid).is_empty()).then_some(pid),
+    }
+}
+
+/// Signals the group with `sig`, gives it `grace` to exit, then SIGKILLs whatever is left and
+/// waits (bounded) until the group is empty, so that its ports are free when this returns.
+async fn end_group(pgid: u32, sig: i32, grace: Duration) {
+    signal_group(pgid, sig);
+    let deadline = tokio::time::Instant::now() + grace;
+    while !group_members(pgid).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal_group(pgid, libc::SIGKILL);
+    // A process in uninterruptible sleep ignores even SIGKILL for a while; don't hang on it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !group_members(pgid).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn signal_number(name: &str) -> i32 {
     match name.trim_start_matches("SIG") {
         "INT" => libc::SIGINT,
@@ -201,10 +253,20 @@ impl Runtime for ProcessRuntime {
                 let name = name.clone();
                 move |source| RuntimeError::Process { op, name, source }
             };
-            let _records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-            if self.read(&name).is_some_and(|r| Self::alive(&r)) {
-                return Ok(());
+            let previous = {
+                let _records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+                match self.read(&name) {
+                    Some(r) if Self::alive(&r) => return Ok(()),
+                    r => r,
+                }
+            };
+            // What a previous run left in its group (its leader killed) still holds the
+            // engine's ports: the new engine would die on "address in use" until it is gone.
+            if let Some(pgid) = previous.as_ref().and_then(owned_group) {
+                tracing::warn!(instance = %name, pgid, "ending the previous run's leftover processes");
+                end_group(pgid, libc::SIGKILL, Duration::ZERO).await;
             }
+            let _records = self.records.lock().unwrap_or_else(|p| p.into_inner());
             let argv = inst.argv();
             let (argv0, args) = argv
                 .split_first()
@@ -292,23 +354,15 @@ impl Runtime for ProcessRuntime {
             let Some(rec) = self.read(name) else {
                 return Ok(());
             };
-            let Some(pid) = rec.pid.filter(|_| Self::alive(&rec)) else {
+            // Not only while the leader lives: a dead leader's workers linger in its group.
+            let Some(pgid) = owned_group(&rec) else {
                 return Ok(());
             };
             let sig = rec
                 .stop_signal
                 .as_deref()
                 .map_or(libc::SIGTERM, signal_number);
-            signal_group(pid, sig);
-            let deadline = tokio::time::Instant::now() + grace;
-            while Self::alive(&rec) && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            // The leader may be gone while workers it forked linger: the group goes in any case.
-            signal_group(pid, libc::SIGKILL);
-            while Self::alive(&rec) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            end_group(pgid, sig, grace).await;
             Ok(())
         }
         .boxed()
@@ -499,6 +553,76 @@ mod tests {
     fn own_start_time_is_readable_and_bogus_pids_are_dead() {
         assert!(proc_start_ticks(std::process::id()).is_some());
         assert!(proc_start_ticks(u32::MAX - 1).is_none());
+    }
+
+    /// An instance whose leader shell starts a worker in its group and writes the worker's pid.
+    fn leader_with_worker(dir: &Path) -> (Instance, PathBuf) {
+        let pid_file = dir.join("worker.pid");
+        let mut inst = crate::plan::testing::instance("t", crate::plan::Role::Decode, 0, "h");
+        let script = format!("sleep 300 & echo $! > {}; wait", pid_file.display());
+        inst.engine.command = ["sh".into(), "-c".into(), script].to_vec();
+        (inst, pid_file)
+    }
+
+    async fn worker_pid(pid_file: &Path) -> u32 {
+        loop {
+            if let Some(pid) = std::fs::read_to_string(pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+            {
+                return pid;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn kill_leader(rt: &ProcessRuntime, name: &str) {
+        let leader = rt.read(name).unwrap().pid.unwrap();
+        unsafe { libc::kill(leader as i32, libc::SIGKILL) };
+        while rt.list("t").await.unwrap()[0].state != RunState::Exited {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn stop_ends_the_workers_of_a_killed_leader() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new(&dir.path().join("state")).unwrap();
+        let (inst, pid_file) = leader_with_worker(dir.path());
+        rt.create(&inst).await.unwrap();
+        rt.start(&inst).await.unwrap();
+        let worker = worker_pid(&pid_file).await;
+        kill_leader(&rt, &inst.name).await;
+        assert!(
+            proc_start_ticks(worker).is_some(),
+            "the worker outlives its leader"
+        );
+        rt.stop(&inst.name, Duration::from_secs(5)).await.unwrap();
+        assert!(
+            proc_start_ticks(worker).is_none(),
+            "stop left the orphan worker"
+        );
+    }
+
+    #[tokio::test]
+    async fn start_clears_what_a_killed_leader_left_in_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new(&dir.path().join("state")).unwrap();
+        let (inst, pid_file) = leader_with_worker(dir.path());
+        rt.create(&inst).await.unwrap();
+        rt.start(&inst).await.unwrap();
+        let worker = worker_pid(&pid_file).await;
+        kill_leader(&rt, &inst.name).await;
+        std::fs::remove_file(&pid_file).unwrap();
+        rt.start(&inst).await.unwrap();
+        assert!(
+            proc_start_ticks(worker).is_none(),
+            "the old worker survived a restart"
+        );
+        let second = worker_pid(&pid_file).await;
+        assert_ne!(second, worker);
+        rt.remove(&inst.name).await.unwrap();
+        assert!(proc_start_ticks(second).is_none());
     }
 
     #[tokio::test]

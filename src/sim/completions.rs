@@ -157,8 +157,11 @@ async fn run(
         PdRole::Decode(remote) => pull(&shared, remote).await,
         _ => false,
     };
-    if !pulled {
+    if pulled {
+        shared.metrics.prompt_sources(0, 0, job.prompt_tokens);
+    } else {
         let uncached = job.prompt_tokens - cached;
+        shared.metrics.prompt_sources(uncached, cached, 0);
         sleep(shared.cfg.prefill_time_per_token * uncached).await;
     }
     shared
@@ -225,6 +228,7 @@ async fn run(
             &request_id,
             number,
             job.prompt_tokens,
+            cached,
         )),
         _ => None,
     };
@@ -406,9 +410,8 @@ fn pd_role(params: Option<&Value>) -> PdRole {
     let remote = (|| {
         let block_ids = params
             .get("remote_block_ids")
-            .and_then(Value::as_array)
-            .and_then(|ids| ids.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
-            .ok_or("`remote_block_ids` missing or not a list of integers")?;
+            .and_then(block_ids)
+            .ok_or("`remote_block_ids` missing or not a list of block-id lists")?;
         let port = params
             .get("remote_port")
             .and_then(Value::as_u64)
@@ -423,6 +426,22 @@ fn pd_role(params: Option<&Value>) -> PdRole {
         })
     })();
     PdRole::Decode(remote)
+}
+
+/// vLLM sends one list of block ids per KV cache group (`[[1, 2]]`); a flat list (older vLLM,
+/// other proxies' tests) is one group.
+fn block_ids(value: &Value) -> Option<Vec<u64>> {
+    let items = value.as_array()?;
+    if items.iter().all(Value::is_u64) {
+        return items.iter().map(Value::as_u64).collect();
+    }
+    let mut ids = Vec::new();
+    for group in items {
+        for id in group.as_array()? {
+            ids.push(id.as_u64()?);
+        }
+    }
+    Some(ids)
 }
 
 /// Pulls the remote prefill's blocks; false means the prompt must be recomputed here.
@@ -460,18 +479,27 @@ fn keep_for_pull(
     request_id: &str,
     number: u64,
     prompt_tokens: u32,
+    cached: u32,
 ) -> Value {
     let blocks = admitted.blocks.take().unwrap_or_default();
     let remote_request_id = format!("{request_id}-{number}");
+    // vLLM 0.32's NixlConnector (pull mode) answers exactly these members, its scheduler adds
+    // the prefill's own prefix-cache hits; the expiry time is set only on a decode.
     let params = json!({
         "do_remote_prefill": true,
         "do_remote_decode": false,
-        "remote_block_ids": blocks,
+        "remote_block_ids": [blocks],
         "remote_engine_id": shared.engine_id,
         "remote_request_id": remote_request_id,
         "remote_host": shared.cfg.side_channel_host,
         "remote_port": shared.cfg.side_channel_port,
         "tp_size": shared.cfg.tensor_parallel_size,
+        "dcp_size": 1,
+        "pp_size": 1,
+        "remote_num_tokens": prompt_tokens,
+        "remote_blocks_expiry_time": null,
+        "transfer_mode": "pull",
+        "remote_prefill_cached_tokens": cached,
     });
     shared.pending().insert(
         remote_request_id,

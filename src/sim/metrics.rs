@@ -13,6 +13,11 @@ const TTFT_BUCKETS: &[f64] = &[
 
 pub const FINISH_REASONS: &[&str] = &["stop", "length", "abort"];
 
+/// vLLM's `source` label of `vllm:prompt_tokens_by_source_total`: computed here, found in the
+/// local prefix cache, or pulled from a prefill engine.
+pub const PROMPT_TOKEN_SOURCES: &[&str] =
+    &["local_compute", "local_cache_hit", "external_kv_transfer"];
+
 #[derive(Default)]
 pub struct Metrics {
     pub prompt_tokens: AtomicU64,
@@ -21,6 +26,8 @@ pub struct Metrics {
     pub prefix_hits: AtomicU64,
     /// Indexed like `FINISH_REASONS`.
     pub success: [AtomicU64; 3],
+    /// Indexed like `PROMPT_TOKEN_SOURCES`.
+    pub prompt_tokens_by_source: [AtomicU64; 3],
     ttft_buckets: [AtomicU64; 22],
     ttft_count: AtomicU64,
     ttft_sum_micros: AtomicU64,
@@ -51,6 +58,17 @@ impl Metrics {
         self.ttft_count.fetch_add(1, Relaxed);
         self.ttft_sum_micros
             .fetch_add((seconds * 1e6) as u64, Relaxed);
+    }
+
+    /// Counts one request's prompt by where its KV came from.
+    pub fn prompt_sources(&self, local_compute: u32, local_cache_hit: u32, external: u32) {
+        for (counter, n) in
+            self.prompt_tokens_by_source
+                .iter()
+                .zip([local_compute, local_cache_hit, external])
+        {
+            counter.fetch_add(u64::from(n), Relaxed);
+        }
     }
 
     pub fn finished(&self, reason: &str) {
@@ -159,6 +177,21 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "{name}{{{labels},finish_reason=\"{reason}\"}} {}",
+                value.load(Relaxed)
+            );
+        }
+        let name = "vllm:prompt_tokens_by_source_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Number of prompt tokens by source.\n# TYPE {name} counter"
+        );
+        for (source, value) in PROMPT_TOKEN_SOURCES
+            .iter()
+            .zip(&self.prompt_tokens_by_source)
+        {
+            let _ = writeln!(
+                out,
+                "{name}{{{labels},source=\"{source}\"}} {}",
                 value.load(Relaxed)
             );
         }
