@@ -156,14 +156,20 @@ pub fn write_pid(lock: &mut File) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_second_lock_on_the_same_project_is_refused() {
+    /// A project state directory whose lock this process holds, its pid written.
+    fn locked_state() -> (tempfile::TempDir, StateDir, File) {
         let tmp = tempfile::tempdir().unwrap();
         let s = StateDir {
             dir: tmp.path().join("p"),
         };
         let mut first = s.try_lock().unwrap().expect("first lock");
         write_pid(&mut first);
+        (tmp, s, first)
+    }
+
+    #[test]
+    fn a_second_lock_on_the_same_project_is_refused() {
+        let (_tmp, s, first) = locked_state();
         assert_eq!(s.holder_pid(), Some(std::process::id()));
         assert!(s.try_lock().unwrap().is_none());
         drop(first);
@@ -182,12 +188,7 @@ mod tests {
 
     #[test]
     fn a_live_holder_keeps_the_lock_and_a_dead_one_is_told_apart() {
-        let tmp = tempfile::tempdir().unwrap();
-        let s = StateDir {
-            dir: tmp.path().join("p"),
-        };
-        let mut first = s.try_lock().unwrap().expect("first lock");
-        write_pid(&mut first);
+        let (_tmp, s, _first) = locked_state();
         let t0 = Instant::now();
         assert!(s.take_lock().unwrap().is_none());
         assert!(

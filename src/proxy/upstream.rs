@@ -349,6 +349,15 @@ mod tests {
         assert_eq!(h.len(), 1);
     }
 
+    fn post_to_engine(
+        path: &str,
+        client: &HeaderMap,
+        id: &str,
+        body: Bytes,
+    ) -> Request<Full<Bytes>> {
+        build(Method::POST, "127.0.0.1:9", path, client, id, body)
+    }
+
     #[test]
     fn headers_named_in_connection_are_not_forwarded() {
         let mut client = HeaderMap::new();
@@ -360,14 +369,7 @@ mod tests {
         client.insert("x-secret", HeaderValue::from_static("s"));
         client.insert("x-other", HeaderValue::from_static("o"));
         client.insert("x-kept", HeaderValue::from_static("k"));
-        let r = build(
-            Method::POST,
-            "127.0.0.1:9",
-            "/v1/completions",
-            &client,
-            "id",
-            Bytes::new(),
-        );
+        let r = post_to_engine("/v1/completions", &client, "id", Bytes::new());
         let h = r.headers();
         assert!(h.get("x-secret").is_none());
         assert!(h.get("x-other").is_none());
@@ -382,9 +384,7 @@ mod tests {
         client.insert("x-prefiller-host-port", HeaderValue::from_static("evil:1"));
         client.insert("x-request-id", HeaderValue::from_static("client-id"));
         client.insert("host", HeaderValue::from_static("proxy"));
-        let r = build(
-            Method::POST,
-            "127.0.0.1:9",
+        let r = post_to_engine(
             "/v1/completions?x=1",
             &client,
             "shared-id",

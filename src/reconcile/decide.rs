@@ -338,39 +338,20 @@ mod tests {
             }),
         )];
         // A server that exits 0 on its own has failed too.
-        d0.restart_policy = RestartPolicy::OnFailure;
-        assert_eq!(
+        let mut actions = |policy| {
+            d0.restart_policy = policy;
             decide(
                 std::slice::from_ref(&d0),
                 &clean,
                 &BTreeMap::new(),
                 now,
-                &cfg()
+                &cfg(),
             )
-            .len(),
-            1
-        );
-        d0.restart_policy = RestartPolicy::Never;
-        assert!(decide(
-            std::slice::from_ref(&d0),
-            &clean,
-            &BTreeMap::new(),
-            now,
-            &cfg()
-        )
-        .is_empty());
-        d0.restart_policy = RestartPolicy::Always;
-        assert_eq!(
-            decide(
-                std::slice::from_ref(&d0),
-                &clean,
-                &BTreeMap::new(),
-                now,
-                &cfg()
-            )
-            .len(),
-            1
-        );
+            .len()
+        };
+        assert_eq!(actions(RestartPolicy::OnFailure), 1);
+        assert_eq!(actions(RestartPolicy::Never), 0);
+        assert_eq!(actions(RestartPolicy::Always), 1);
     }
 
     #[test]

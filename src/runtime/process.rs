@@ -584,15 +584,21 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn stop_ends_the_workers_of_a_killed_leader() {
-        let dir = tempfile::tempdir().unwrap();
-        let rt = ProcessRuntime::new(&dir.path().join("state")).unwrap();
-        let (inst, pid_file) = leader_with_worker(dir.path());
+    /// A started engine whose leader was SIGKILLed while its worker lives on in the group.
+    async fn worker_of_a_killed_leader(dir: &Path) -> (ProcessRuntime, Instance, PathBuf, u32) {
+        let rt = ProcessRuntime::new(&dir.join("state")).unwrap();
+        let (inst, pid_file) = leader_with_worker(dir);
         rt.create(&inst).await.unwrap();
         rt.start(&inst).await.unwrap();
         let worker = worker_pid(&pid_file).await;
         kill_leader(&rt, &inst.name).await;
+        (rt, inst, pid_file, worker)
+    }
+
+    #[tokio::test]
+    async fn stop_ends_the_workers_of_a_killed_leader() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rt, inst, _, worker) = worker_of_a_killed_leader(dir.path()).await;
         assert!(
             proc_start_ticks(worker).is_some(),
             "the worker outlives its leader"
@@ -607,12 +613,7 @@ mod tests {
     #[tokio::test]
     async fn start_clears_what_a_killed_leader_left_in_its_group() {
         let dir = tempfile::tempdir().unwrap();
-        let rt = ProcessRuntime::new(&dir.path().join("state")).unwrap();
-        let (inst, pid_file) = leader_with_worker(dir.path());
-        rt.create(&inst).await.unwrap();
-        rt.start(&inst).await.unwrap();
-        let worker = worker_pid(&pid_file).await;
-        kill_leader(&rt, &inst.name).await;
+        let (rt, inst, pid_file, worker) = worker_of_a_killed_leader(dir.path()).await;
         std::fs::remove_file(&pid_file).unwrap();
         rt.start(&inst).await.unwrap();
         assert!(
